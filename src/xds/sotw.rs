@@ -1,0 +1,378 @@
+//! Sans-IO state machine for one state-of-the-world ADS (or SDS) stream.
+//!
+//! Feed it requests (`handle_request`) and snapshots (`set_snapshot`); ask it what to send next
+//! (`next_response`). It never does I/O and takes time as an argument, so every protocol rule is unit
+//! tested without a network. Rules (see shared/docs/xds-protocol.md):
+//! - NACK = `error_detail` on the outstanding nonce; it is recorded and nothing is re-sent until the
+//!   content changes.
+//! - A stale nonce never counts as ACK/NACK, but its subscription changes are applied.
+//! - At most one un-ACKed response per type; newer snapshots coalesce while waiting.
+//! - Newly named resources are answered even if unchanged; names that do not exist yet are remembered.
+//! - CDS/LDS responses are the full set; EDS/RDS/SDS may be partial.
+//! - After a CDS (LDS) response, EDS (RDS) is re-sent even if unchanged, because Envoy re-warms.
+//! - Make-before-break: LDS/RDS wait until clusters and endpoints settled; clusters that disappeared are
+//!   kept until the proxy ACKed listeners and routes that no longer need them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use sha2::{Digest, Sha256};
+
+use super::cache::{Resource, ResourceSnapshot};
+use super::resources::TypeUrl;
+use super::stream::{
+    NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
+};
+use super::wire::{WireAny, WireControlPlane, WireDiscoveryResponse};
+
+type Content = BTreeMap<String, Arc<Resource>>;
+
+#[derive(Debug)]
+struct Sent {
+    version: String,
+    nonce: String,
+    content: Content,
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    requested: bool,
+    sub: Subscription,
+    /// Last response sent (outstanding or answered). Not re-sent while content is unchanged.
+    last_sent: Option<Sent>,
+    /// Nonce and send time of the outstanding (un-ACKed) response.
+    pending: Option<(String, Instant)>,
+    /// What the proxy runs: the content of the last ACKed responses.
+    acked: Content,
+    acked_version: Option<String>,
+    /// Respond even if the content did not change (new names, first request, re-warming).
+    force: bool,
+    last_nack: Option<NackRecord>,
+    responses: u64,
+    nacks: u64,
+}
+
+/// One SotW stream.
+#[derive(Debug)]
+pub struct SotwStream {
+    /// `Some(Secret)` for a dedicated SDS stream; `None` for ADS.
+    only: Option<TypeUrl>,
+    node: Option<NodeInfo>,
+    types: [TypeState; 5],
+    snapshot: Option<Arc<ResourceSnapshot>>,
+    nonce_seq: u64,
+    control_plane: String,
+}
+
+impl SotwStream {
+    pub fn new_ads(control_plane: &str) -> Self {
+        Self::new(None, control_plane)
+    }
+
+    pub fn new_sds(control_plane: &str) -> Self {
+        Self::new(Some(TypeUrl::Secret), control_plane)
+    }
+
+    fn new(only: Option<TypeUrl>, control_plane: &str) -> Self {
+        SotwStream {
+            only,
+            node: None,
+            types: Default::default(),
+            snapshot: None,
+            nonce_seq: 0,
+            control_plane: control_plane.to_string(),
+        }
+    }
+
+    pub fn node(&self) -> Option<&NodeInfo> {
+        self.node.as_ref()
+    }
+
+    pub fn set_snapshot(&mut self, snapshot: Arc<ResourceSnapshot>) {
+        self.snapshot = Some(snapshot);
+    }
+
+    /// Applies one request. Returns the type it was for and what it meant.
+    pub fn handle_request(
+        &mut self,
+        req: &DiscoveryRequest,
+        now: Instant,
+    ) -> Result<(TypeUrl, RequestKind), StreamError> {
+        if self.node.is_none() {
+            let node = req.node.as_ref().ok_or(StreamError::MissingNode)?;
+            if node.id.is_empty() {
+                return Err(StreamError::EmptyNodeId);
+            }
+            self.node = Some(NodeInfo::from_node(node));
+        }
+        let t = resolve_type(&req.type_url, self.only)?;
+        let st = &mut self.types[t.index()];
+        let first = !st.requested;
+        st.requested = true;
+        let added = st.sub.replace(t, &req.resource_names);
+        if first || added {
+            st.force = true;
+        }
+
+        if req.response_nonce.is_empty() {
+            return Ok((t, RequestKind::Initial));
+        }
+        let Some((nonce, sent_at)) = st.pending.clone() else {
+            return Ok((t, RequestKind::Stale));
+        };
+        if nonce != req.response_nonce {
+            return Ok((t, RequestKind::Stale));
+        }
+        st.pending = None;
+        let latency = now.saturating_duration_since(sent_at);
+        let Some(sent) = st.last_sent.as_ref() else {
+            return Ok((t, RequestKind::Stale));
+        };
+        if let Some(err) = &req.error_detail {
+            st.nacks += 1;
+            st.last_nack = Some(NackRecord {
+                version: sent.version.clone(),
+                message: err.message.clone(),
+                code: err.code,
+                at: SystemTime::now(),
+            });
+            // Keep `last_sent` so the rejected content is not re-sent; `acked` stays what the proxy runs.
+            return Ok((
+                t,
+                RequestKind::Nack {
+                    latency,
+                    message: err.message.clone(),
+                },
+            ));
+        }
+        if t.is_full_state() {
+            st.acked = sent.content.clone();
+        } else {
+            for (k, v) in &sent.content {
+                st.acked.insert(k.clone(), v.clone());
+            }
+        }
+        st.acked_version = Some(sent.version.clone());
+        Ok((t, RequestKind::Ack { latency }))
+    }
+
+    /// The resources this stream should be running for type `t` now.
+    fn desired(&self, t: TypeUrl) -> Content {
+        let mut out = Content::new();
+        let Some(snap) = &self.snapshot else {
+            return out;
+        };
+        let st = &self.types[t.index()];
+        if st.sub.wildcard {
+            out.extend(
+                snap.resources(t)
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+        }
+        for n in &st.sub.names {
+            if let Some(r) = snap.get(t, n) {
+                out.insert(n.clone(), r.clone());
+            }
+        }
+        // Make-before-break: a cluster that disappeared stays while the proxy still runs listeners or
+        // routes that may point at it.
+        if t == TypeUrl::Cluster && !self.routing_converged() {
+            for (name, r) in &st.acked {
+                if !out.contains_key(name)
+                    && !snap.resources(t).contains_key(name)
+                    && st.sub.wants(name)
+                {
+                    out.insert(name.clone(), r.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// True when the proxy has ACKed the current listeners and routes.
+    fn routing_converged(&self) -> bool {
+        [TypeUrl::Listener, TypeUrl::Route].into_iter().all(|t| {
+            let st = &self.types[t.index()];
+            if !st.requested {
+                return true;
+            }
+            if st.pending.is_some() {
+                return false;
+            }
+            let desired = self.desired(t);
+            let covered = desired
+                .iter()
+                .all(|(n, r)| st.acked.get(n).is_some_and(|a| a.version == r.version));
+            if t.is_full_state() {
+                covered && st.acked.len() == desired.len()
+            } else {
+                covered
+            }
+        })
+    }
+
+    fn is_dirty(&self, t: TypeUrl, desired: &Content) -> bool {
+        let st = &self.types[t.index()];
+        if st.force {
+            return true;
+        }
+        let Some(sent) = &st.last_sent else {
+            return true;
+        };
+        if t.is_full_state() {
+            !same_content(&sent.content, desired)
+        } else {
+            desired
+                .iter()
+                .any(|(n, r)| sent.content.get(n).is_none_or(|s| s.version != r.version))
+        }
+    }
+
+    /// Clusters and endpoints have nothing outstanding and nothing left to send.
+    fn clusters_settled(&self) -> bool {
+        [TypeUrl::Cluster, TypeUrl::Endpoint].into_iter().all(|t| {
+            let st = &self.types[t.index()];
+            !st.requested || (st.pending.is_none() && !self.is_dirty(t, &self.desired(t)))
+        })
+    }
+
+    /// The next response to send, in make-before-break order, or `None` if nothing is due.
+    pub fn next_response(&mut self, now: Instant) -> Option<(TypeUrl, WireDiscoveryResponse)> {
+        self.snapshot.as_ref()?;
+        for t in TypeUrl::PUSH_ORDER {
+            if self.only.is_some_and(|o| o != t) {
+                continue;
+            }
+            {
+                let st = &self.types[t.index()];
+                if !st.requested || st.pending.is_some() {
+                    continue;
+                }
+            }
+            if t.waits_for_clusters() && !self.clusters_settled() {
+                continue;
+            }
+            let desired = self.desired(t);
+            if !self.is_dirty(t, &desired) {
+                continue;
+            }
+            let st = &mut self.types[t.index()];
+            st.force = false;
+            if !t.is_full_state() && desired.is_empty() {
+                // Nothing to say: partial types cannot express removal, and named resources that do
+                // not exist yet are sent when they appear.
+                if st.last_sent.is_none() {
+                    continue;
+                }
+                if let Some(s) = st.last_sent.as_mut() {
+                    s.content.clear();
+                }
+                continue;
+            }
+            self.nonce_seq += 1;
+            let nonce = self.nonce_seq.to_string();
+            let version = content_version(&desired);
+            let resp = WireDiscoveryResponse {
+                version_info: version.clone(),
+                resources: desired
+                    .values()
+                    .map(|r| WireAny {
+                        type_url: t.as_str().to_string(),
+                        value: r.body.clone(),
+                    })
+                    .collect(),
+                type_url: t.as_str().to_string(),
+                nonce: nonce.clone(),
+                control_plane: Some(WireControlPlane {
+                    identifier: self.control_plane.clone(),
+                }),
+            };
+            st.pending = Some((nonce.clone(), now));
+            st.responses += 1;
+            st.last_sent = Some(Sent {
+                version,
+                nonce,
+                content: desired,
+            });
+            if let Some(w) = t.warms() {
+                let ws = &mut self.types[w.index()];
+                if ws.requested {
+                    ws.force = true;
+                }
+            }
+            return Some((t, resp));
+        }
+        None
+    }
+
+    pub fn status(&self) -> Vec<TypeStatus> {
+        TypeUrl::PUSH_ORDER
+            .into_iter()
+            .filter(|t| self.only.is_none_or(|o| o == *t))
+            .filter(|t| self.types[t.index()].requested)
+            .map(|t| {
+                let st = &self.types[t.index()];
+                let desired = self.desired(t);
+                let status = match (&st.last_sent, &st.last_nack) {
+                    (None, _) => SyncStatus::NotSent,
+                    (Some(s), Some(n)) if n.version == s.version && st.pending.is_none() => {
+                        SyncStatus::Nacked
+                    }
+                    _ if st.pending.is_some() || self.is_dirty(t, &desired) => SyncStatus::Stale,
+                    _ => SyncStatus::Synced,
+                };
+                TypeStatus {
+                    type_url: t.as_str(),
+                    short: t.short(),
+                    subscribed: st.sub.listed(),
+                    wildcard: st.sub.wildcard,
+                    version_sent: st.last_sent.as_ref().map(|s| s.version.clone()),
+                    version_acked: st.acked_version.clone(),
+                    nonce_sent: st.last_sent.as_ref().map(|s| s.nonce.clone()),
+                    status,
+                    responses_sent: st.responses,
+                    nacks: st.nacks,
+                    last_nack: st.last_nack.clone(),
+                }
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn resolve_type(type_url: &str, only: Option<TypeUrl>) -> Result<TypeUrl, StreamError> {
+    if type_url.is_empty() {
+        return only.ok_or(StreamError::MissingTypeUrl);
+    }
+    let t = TypeUrl::parse(type_url).ok_or_else(|| StreamError::UnknownTypeUrl(type_url.into()))?;
+    match only {
+        Some(o) if o != t => Err(StreamError::WrongTypeUrl {
+            got: type_url.into(),
+            expected: o,
+        }),
+        _ => Ok(t),
+    }
+}
+
+fn same_content(a: &Content, b: &Content) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b.iter())
+            .all(|((an, ar), (bn, br))| an == bn && ar.version == br.version)
+}
+
+fn content_version(c: &Content) -> String {
+    let mut h = Sha256::new();
+    for (n, r) in c {
+        h.update(n.as_bytes());
+        h.update([0]);
+        h.update(r.version.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -1,0 +1,258 @@
+//! Pieces shared by the SotW and delta stream state machines: the node a stream belongs to, what a
+//! request did (ACK, NACK, stale, ...), NACK records, subscriptions with the legacy wildcard, and the
+//! per-type status that `/debug/syncz` shows.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use serde::Serialize;
+
+use super::resources::TypeUrl;
+
+/// Which proxy a stream serves, taken from the first request.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub cluster: String,
+    /// Envoy version from `user_agent_build_version` (e.g. "1.40.0"), or empty.
+    pub envoy_version: String,
+}
+
+impl NodeInfo {
+    pub fn from_node(node: &Node) -> NodeInfo {
+        use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+        let envoy_version = match &node.user_agent_version_type {
+            Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
+                .version
+                .as_ref()
+                .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
+                .unwrap_or_default(),
+            Some(UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+            None => String::new(),
+        };
+        NodeInfo {
+            id: node.id.clone(),
+            cluster: node.cluster.clone(),
+            envoy_version,
+        }
+    }
+}
+
+/// Why a stream must be closed. Turned into a gRPC status in exactly one place (`server.rs`).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StreamError {
+    #[error("the first request on a stream must carry the node")]
+    MissingNode,
+    #[error("the first request's node has an empty id")]
+    EmptyNodeId,
+    #[error("type_url is required on an aggregated stream")]
+    MissingTypeUrl,
+    #[error("unknown or unsupported type_url {0:?}")]
+    UnknownTypeUrl(String),
+    #[error("type_url {got:?} is not served on this stream (expected {expected})")]
+    WrongTypeUrl { got: String, expected: TypeUrl },
+}
+
+/// What a request meant, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// No nonce: the first request for a type (or after a reconnect).
+    Initial,
+    /// Nonce of the outstanding response and no error: the proxy applied it.
+    Ack { latency: Duration },
+    /// Nonce of the outstanding response with `error_detail`: the proxy rejected it.
+    Nack { latency: Duration, message: String },
+    /// A nonce that is not the outstanding one. Subscription changes in it were still applied.
+    Stale,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct NackRecord {
+    /// The version Envoy rejected.
+    pub version: String,
+    /// Envoy's own error text from `error_detail.message`.
+    pub message: String,
+    pub code: i32,
+    #[serde(with = "humantime_serde_compat")]
+    pub at: SystemTime,
+}
+
+pub(crate) mod humantime_serde_compat {
+    use serde::Serializer;
+    use std::time::SystemTime;
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_rfc3339_millis(*t).to_string())
+    }
+}
+
+/// istioctl proxy-status vocabulary.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SyncStatus {
+    Synced,
+    Stale,
+    NotSent,
+    Nacked,
+}
+
+impl SyncStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncStatus::Synced => "SYNCED",
+            SyncStatus::Stale => "STALE",
+            SyncStatus::NotSent => "NOT SENT",
+            SyncStatus::Nacked => "NACKED",
+        }
+    }
+}
+
+/// Per-type view of a stream for `/debug/syncz`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TypeStatus {
+    #[serde(rename = "type")]
+    pub type_url: &'static str,
+    pub short: &'static str,
+    pub subscribed: Vec<String>,
+    pub wildcard: bool,
+    pub version_sent: Option<String>,
+    pub version_acked: Option<String>,
+    pub nonce_sent: Option<String>,
+    pub status: SyncStatus,
+    pub responses_sent: u64,
+    pub nacks: u64,
+    pub last_nack: Option<NackRecord>,
+}
+
+/// A resource subscription with xDS wildcard rules.
+#[derive(Debug, Default, Clone)]
+pub struct Subscription {
+    pub wildcard: bool,
+    pub names: BTreeSet<String>,
+    /// Whether the client has ever named a resource explicitly (ends the legacy wildcard).
+    named_ever: bool,
+}
+
+impl Subscription {
+    /// SotW: replace the subscription with the request's names. Returns true if anything was added
+    /// (newly named resources, or wildcard turned on), which must be answered even if unchanged.
+    pub fn replace(&mut self, t: TypeUrl, names: &[String]) -> bool {
+        let explicit: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
+        let star = names.iter().any(|n| n == "*");
+        let wildcard = if t.has_legacy_wildcard() && names.is_empty() && !self.named_ever {
+            true
+        } else {
+            star
+        };
+        if !names.is_empty() {
+            self.named_ever = true;
+        }
+        let added =
+            (wildcard && !self.wildcard) || explicit.iter().any(|n| !self.names.contains(n));
+        self.wildcard = wildcard;
+        self.names = explicit;
+        added
+    }
+
+    /// Delta: apply subscribe/unsubscribe. `first` is true for the first request of this type on the
+    /// stream, where an empty subscribe list means legacy wildcard for LDS/CDS.
+    pub fn apply_delta(
+        &mut self,
+        t: TypeUrl,
+        first: bool,
+        subscribe: &[String],
+        unsubscribe: &[String],
+    ) {
+        if first && subscribe.is_empty() && t.has_legacy_wildcard() {
+            self.wildcard = true;
+        }
+        for n in subscribe {
+            if n == "*" {
+                self.wildcard = true;
+            } else {
+                self.names.insert(n.clone());
+            }
+            self.named_ever = true;
+        }
+        for n in unsubscribe {
+            if n == "*" {
+                self.wildcard = false;
+            } else {
+                self.names.remove(n);
+            }
+        }
+    }
+
+    pub fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    pub fn listed(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.names.iter().cloned().collect();
+        if self.wildcard {
+            v.insert(0, "*".to_string());
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn legacy_wildcard_until_first_name() {
+        let mut s = Subscription::default();
+        assert!(s.replace(TypeUrl::Cluster, &[]));
+        assert!(s.wildcard);
+        // ACKs with an empty list keep the wildcard.
+        assert!(!s.replace(TypeUrl::Cluster, &[]));
+        assert!(s.wildcard);
+        // Naming something ends legacy wildcard mode...
+        assert!(s.replace(TypeUrl::Cluster, &names(&["a"])));
+        assert!(!s.wildcard);
+        // ...and from then on an empty list means "nothing".
+        s.replace(TypeUrl::Cluster, &[]);
+        assert!(!s.wildcard);
+        assert!(s.names.is_empty());
+        // Explicit "*" is still a wildcard, alongside names.
+        assert!(s.replace(TypeUrl::Cluster, &names(&["*", "b"])));
+        assert!(s.wildcard && s.names.contains("b"));
+    }
+
+    #[test]
+    fn no_legacy_wildcard_for_named_types() {
+        let mut s = Subscription::default();
+        assert!(!s.replace(TypeUrl::Endpoint, &[]));
+        assert!(!s.wildcard);
+        let mut s = Subscription::default();
+        s.apply_delta(TypeUrl::Secret, true, &[], &[]);
+        assert!(!s.wildcard);
+    }
+
+    #[test]
+    fn replace_reports_only_additions() {
+        let mut s = Subscription::default();
+        assert!(s.replace(TypeUrl::Endpoint, &names(&["a", "b"])));
+        assert!(!s.replace(TypeUrl::Endpoint, &names(&["a"])));
+        assert!(s.replace(TypeUrl::Endpoint, &names(&["a", "c"])));
+    }
+
+    #[test]
+    fn delta_wildcard_and_unsubscribe() {
+        let mut s = Subscription::default();
+        s.apply_delta(TypeUrl::Listener, true, &[], &[]);
+        assert!(s.wildcard);
+        s.apply_delta(TypeUrl::Listener, false, &names(&["x"]), &names(&["*"]));
+        assert!(!s.wildcard && s.wants("x") && !s.wants("y"));
+        s.apply_delta(TypeUrl::Listener, false, &[], &names(&["x"]));
+        assert!(!s.wants("x"));
+        // Non-first empty subscribe never turns wildcard on.
+        s.apply_delta(TypeUrl::Listener, false, &[], &[]);
+        assert!(!s.wildcard);
+    }
+}
