@@ -2,4 +2,12 @@
 //! gateway. See docs/architecture.md for the tour.
 #![forbid(unsafe_code)]
 
+pub mod app;
+pub mod bootstrap;
+pub mod config;
+pub mod configdump;
+pub mod debug;
+pub mod metrics;
+pub mod serve;
+pub mod status;
 pub mod xds;

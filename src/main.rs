@@ -1,1 +1,174 @@
-fn main() {}
+//! The `winmesh` command: parse the CLI, run, and map errors to exit codes (2 = bad configuration or
+//! usage, 1 = runtime failure).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use winmesh::bootstrap::{BootstrapOptions, bootstrap_yaml};
+use winmesh::config::{Config, XdsMode, read_token};
+
+#[derive(Parser, Debug)]
+#[command(name = "winmesh", version, about = "xDS control plane for a stock Envoy gateway bringing Windows workloads into an Istio mesh")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the control plane (ADS/SDS server and debug endpoint).
+    Serve {
+        /// Config file (YAML).
+        #[arg(long, short, env = "WINMESH_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print an Envoy bootstrap (YAML) that points a stock Envoy at this winmesh.
+    Bootstrap {
+        /// Config file (YAML).
+        #[arg(long, short, env = "WINMESH_CONFIG")]
+        config: PathBuf,
+        /// Envoy node id (defaults to node.id from the config).
+        #[arg(long)]
+        node_id: Option<String>,
+        /// Use incremental xDS (DELTA_GRPC).
+        #[arg(long, conflicts_with = "sotw")]
+        delta: bool,
+        /// Use state-of-the-world xDS (GRPC).
+        #[arg(long)]
+        sotw: bool,
+    },
+    /// Check a config file and exit (0 = valid, 2 = invalid).
+    Validate {
+        /// Config file (YAML).
+        file: PathBuf,
+    },
+    /// Show connected proxies and their sync state (like `istioctl proxy-status`).
+    Status {
+        /// Config file, to find the debug address and token.
+        #[arg(long, short, env = "WINMESH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Debug server address (overrides the config).
+        #[arg(long)]
+        debug_addr: Option<std::net::SocketAddr>,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("winmesh: invalid configuration: {e}");
+        ExitCode::from(2)
+    })
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validate { file } => match load(&file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Cmd::Bootstrap {
+            config,
+            node_id,
+            delta,
+            sotw,
+        } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let token = match cfg.xds.token_file.as_deref().map(read_token).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("winmesh: invalid configuration: xds.token_file: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let mode = if delta {
+                Some(XdsMode::Delta)
+            } else if sotw {
+                Some(XdsMode::Sotw)
+            } else {
+                None
+            };
+            print!(
+                "{}",
+                bootstrap_yaml(&cfg, &BootstrapOptions { node_id, mode, token })
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Serve { config } => {
+            let cfg = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_logging();
+            runtime(async move { winmesh::serve::run(cfg).await })
+        }
+        Cmd::Status {
+            config,
+            debug_addr,
+            json,
+        } => {
+            let cfg = match config.as_ref().map(load).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(code) => return code,
+            };
+            let token = match cfg.debug.token_file.as_deref().map(read_token).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("winmesh: invalid configuration: debug.token_file: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let addr = debug_addr.unwrap_or(cfg.debug.listen);
+            runtime(async move {
+                let (code, body) =
+                    winmesh::status::http_get(addr, "/debug/syncz", token.as_deref()).await?;
+                if code != 200 {
+                    anyhow::bail!("{addr} answered {code}: {}", body.trim());
+                }
+                if json {
+                    println!("{body}");
+                } else {
+                    let v: serde_json::Value = serde_json::from_str(&body)?;
+                    print!("{}", winmesh::status::render_table(&v));
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+fn runtime(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("winmesh: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("winmesh: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

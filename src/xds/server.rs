@@ -1,1 +1,378 @@
+//! Thin tonic services around the sans-IO stream machines: `AggregatedDiscoveryService` (SotW and
+//! delta) and `SecretDiscoveryService` (SotW and delta). Each stream runs one task that feeds requests
+//! and snapshot notifications into its machine and writes whatever the machine says is due.
 
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::cache::{ResourceSnapshot, SnapshotCache};
+use super::clients::ClientRegistry;
+use super::delta::DeltaStream;
+use super::resources::TypeUrl;
+use super::sotw::SotwStream;
+use super::stream::{NodeInfo, RequestKind, StreamError, TypeStatus};
+use super::wire::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use super::wire::sds::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use super::wire::{WireDeltaDiscoveryResponse, WireDiscoveryResponse};
+use crate::metrics::Metrics;
+
+/// Largest request accepted (tonic defaults to 4 MiB; delta `initial_resource_versions` of a large
+/// mesh exceed that).
+pub const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Shared state of the xDS services.
+#[derive(Clone)]
+pub struct XdsServer {
+    cache: SnapshotCache,
+    clients: Arc<ClientRegistry>,
+    metrics: Arc<Metrics>,
+    /// If set, every stream must carry `authorization: Bearer <token>`.
+    token: Option<Arc<str>>,
+    control_plane_id: Arc<str>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+impl XdsServer {
+    pub fn new(
+        cache: SnapshotCache,
+        clients: Arc<ClientRegistry>,
+        metrics: Arc<Metrics>,
+        token: Option<String>,
+    ) -> Self {
+        XdsServer {
+            cache,
+            clients,
+            metrics,
+            token: token.map(Into::into),
+            control_plane_id: format!("winmesh/{}", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+
+    /// The ADS service with the raised decode limit.
+    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
+        AggregatedDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_DECODE_BYTES)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    /// The SDS service with the raised decode limit.
+    pub fn sds_service(&self) -> SecretDiscoveryServiceServer<XdsServer> {
+        SecretDiscoveryServiceServer::new(self.clone())
+            .max_decoding_message_size(MAX_DECODE_BYTES)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.token else {
+            return Ok(());
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(got.as_bytes(), expected.as_bytes()) {
+            Ok(())
+        } else {
+            self.metrics.inc(
+                "winmesh_xds_stream_errors_total",
+                "xDS streams closed because of a protocol or authentication error.",
+                &[("reason", "unauthenticated")],
+                1.0,
+            );
+            warn!(peer = ?req.remote_addr(), "xDS stream rejected: missing or wrong bearer token");
+            Err(Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+
+    fn spawn<M: Machine>(
+        &self,
+        machine: M,
+        inbound: Streaming<M::Req>,
+        peer: Option<SocketAddr>,
+    ) -> BoxStream<M::Resp> {
+        let (tx, rx) = mpsc::channel(8);
+        let this = self.clone();
+        tokio::spawn(async move { this.run(machine, inbound, tx, peer).await });
+        Box::pin(ReceiverStream::new(rx))
+    }
+
+    async fn run<M: Machine>(
+        self,
+        mut machine: M,
+        mut inbound: Streaming<M::Req>,
+        tx: mpsc::Sender<Result<M::Resp, Status>>,
+        peer: Option<SocketAddr>,
+    ) {
+        let mut notify = self.cache.subscribe();
+        let mut registration = None;
+        let mut current: Option<Arc<ResourceSnapshot>> = None;
+        let m = &self.metrics;
+        'stream: loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => match machine.handle(&req, Instant::now()) {
+                        Ok((t, kind)) => self.record(&machine, t, &kind),
+                        Err(e) => {
+                            self.stream_error(&e, peer);
+                            let _ = tx.send(Err(to_status(&e))).await;
+                            break 'stream;
+                        }
+                    },
+                    Ok(None) => break 'stream,
+                    Err(status) => {
+                        debug!(?peer, %status, "xDS stream ended with an error");
+                        break 'stream;
+                    }
+                },
+                changed = notify.changed() => {
+                    if changed.is_err() {
+                        break 'stream;
+                    }
+                }
+                _ = tx.closed() => break 'stream,
+            }
+            let Some(node) = machine.node().cloned() else {
+                continue;
+            };
+            if registration.is_none() {
+                info!(node = %node.id, envoy = %node.envoy_version, ?peer, service = M::SERVICE,
+                      mode = M::MODE, "proxy connected");
+                m.add("winmesh_xds_connected_proxies", "Connected xDS streams.", &[("service", M::SERVICE)], 1.0);
+                registration = Some(self.clients.register(&node, peer, M::SERVICE, M::MODE));
+            }
+            notify.borrow_and_update();
+            if let Some(snap) = self.cache.snapshot_for(&node.id)
+                && !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &snap))
+            {
+                machine.set_snapshot(snap.clone());
+                current = Some(snap);
+            }
+            while let Some((t, resp)) = machine.next(Instant::now()) {
+                let size = M::encoded_len(&resp) as f64;
+                m.inc("winmesh_xds_pushes_total", "xDS responses sent.", &[("type", t.short())], 1.0);
+                m.inc("winmesh_xds_push_bytes_total", "Bytes of xDS responses sent.", &[("type", t.short())], size);
+                if tx.send(Ok(resp)).await.is_err() {
+                    break 'stream;
+                }
+            }
+            if let Some(r) = &registration {
+                r.update(machine.status());
+            }
+        }
+        if let Some(node) = machine.node() {
+            info!(node = %node.id, ?peer, service = M::SERVICE, "proxy disconnected");
+        }
+        if registration.take().is_some() {
+            m.add("winmesh_xds_connected_proxies", "Connected xDS streams.", &[("service", M::SERVICE)], -1.0);
+        }
+    }
+
+    fn record<M: Machine>(&self, machine: &M, t: TypeUrl, kind: &RequestKind) {
+        let m = &self.metrics;
+        let node = machine.node().map(|n| n.id.as_str()).unwrap_or("");
+        match kind {
+            RequestKind::Ack { latency } => m.observe(
+                "winmesh_xds_push_to_ack_seconds",
+                "Time from sending an xDS response to its ACK or NACK.",
+                &[("type", t.short())],
+                latency.as_secs_f64(),
+            ),
+            RequestKind::Nack { latency, message } => {
+                warn!(node, r#type = t.short(), error = %message, "proxy rejected config (NACK); keeping last good config");
+                m.inc("winmesh_xds_nacks_total", "xDS responses rejected by proxies.", &[("type", t.short())], 1.0);
+                m.observe(
+                    "winmesh_xds_push_to_ack_seconds",
+                    "Time from sending an xDS response to its ACK or NACK.",
+                    &[("type", t.short())],
+                    latency.as_secs_f64(),
+                );
+            }
+            RequestKind::Stale => m.inc(
+                "winmesh_xds_expired_nonce_total",
+                "Requests carrying a nonce other than the outstanding one.",
+                &[("type", t.short())],
+                1.0,
+            ),
+            RequestKind::Initial => {
+                debug!(node, r#type = t.short(), "subscription request")
+            }
+        }
+    }
+
+    fn stream_error(&self, e: &StreamError, peer: Option<SocketAddr>) {
+        let reason = match e {
+            StreamError::MissingNode | StreamError::EmptyNodeId => "missing_node",
+            StreamError::MissingTypeUrl => "missing_type_url",
+            StreamError::UnknownTypeUrl(_) => "unknown_type_url",
+            StreamError::WrongTypeUrl { .. } => "wrong_type_url",
+        };
+        warn!(?peer, error = %e, "closing xDS stream");
+        self.metrics.inc(
+            "winmesh_xds_stream_errors_total",
+            "xDS streams closed because of a protocol or authentication error.",
+            &[("reason", reason)],
+            1.0,
+        );
+    }
+}
+
+/// The only place a stream error becomes a gRPC status.
+fn to_status(e: &StreamError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What the stream loop needs from a state machine.
+trait Machine: Send + 'static {
+    type Req: prost::Message + Default + Send + 'static;
+    type Resp: prost::Message + Send + 'static;
+    const SERVICE: &'static str;
+    const MODE: &'static str;
+    fn handle(&mut self, req: &Self::Req, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError>;
+    fn next(&mut self, now: Instant) -> Option<(TypeUrl, Self::Resp)>;
+    fn set_snapshot(&mut self, s: Arc<ResourceSnapshot>);
+    fn node(&self) -> Option<&NodeInfo>;
+    fn status(&self) -> Vec<TypeStatus>;
+    fn encoded_len(r: &Self::Resp) -> usize {
+        prost::Message::encoded_len(r)
+    }
+}
+
+struct Sotw<const SDS: bool>(SotwStream);
+struct Delta<const SDS: bool>(DeltaStream);
+
+impl<const SDS: bool> Machine for Sotw<SDS> {
+    type Req = DiscoveryRequest;
+    type Resp = WireDiscoveryResponse;
+    const SERVICE: &'static str = if SDS { "SDS" } else { "ADS" };
+    const MODE: &'static str = "SotW";
+    fn handle(&mut self, req: &DiscoveryRequest, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError> {
+        self.0.handle_request(req, now)
+    }
+    fn next(&mut self, now: Instant) -> Option<(TypeUrl, WireDiscoveryResponse)> {
+        self.0.next_response(now)
+    }
+    fn set_snapshot(&mut self, s: Arc<ResourceSnapshot>) {
+        self.0.set_snapshot(s)
+    }
+    fn node(&self) -> Option<&NodeInfo> {
+        self.0.node()
+    }
+    fn status(&self) -> Vec<TypeStatus> {
+        self.0.status()
+    }
+}
+
+impl<const SDS: bool> Machine for Delta<SDS> {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = WireDeltaDiscoveryResponse;
+    const SERVICE: &'static str = if SDS { "SDS" } else { "ADS" };
+    const MODE: &'static str = "Delta";
+    fn handle(&mut self, req: &DeltaDiscoveryRequest, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError> {
+        self.0.handle_request(req, now)
+    }
+    fn next(&mut self, now: Instant) -> Option<(TypeUrl, WireDeltaDiscoveryResponse)> {
+        self.0.next_response(now)
+    }
+    fn set_snapshot(&mut self, s: Arc<ResourceSnapshot>) {
+        self.0.set_snapshot(s)
+    }
+    fn node(&self) -> Option<&NodeInfo> {
+        self.0.node()
+    }
+    fn status(&self) -> Vec<TypeStatus> {
+        self.0.status()
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsServer {
+    type StreamAggregatedResourcesStream = BoxStream<WireDiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<WireDeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        self.authorize(&request)?;
+        let peer = request.remote_addr();
+        let m = Sotw::<false>(SotwStream::new_ads(&self.control_plane_id));
+        Ok(Response::new(self.spawn(m, request.into_inner(), peer)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        self.authorize(&request)?;
+        let peer = request.remote_addr();
+        let m = Delta::<false>(DeltaStream::new_ads(&self.control_plane_id));
+        Ok(Response::new(self.spawn(m, request.into_inner(), peer)))
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for XdsServer {
+    type StreamSecretsStream = BoxStream<WireDiscoveryResponse>;
+    type DeltaSecretsStream = BoxStream<WireDeltaDiscoveryResponse>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        self.authorize(&request)?;
+        let peer = request.remote_addr();
+        let m = Sotw::<true>(SotwStream::new_sds(&self.control_plane_id));
+        Ok(Response::new(self.spawn(m, request.into_inner(), peer)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        self.authorize(&request)?;
+        let peer = request.remote_addr();
+        let m = Delta::<true>(DeltaStream::new_sds(&self.control_plane_id));
+        Ok(Response::new(self.spawn(m, request.into_inner(), peer)))
+    }
+}
+
+/// Serves ADS and SDS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    server: XdsServer,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(server.ads_service())
+        .add_service(server.sds_service())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
+}

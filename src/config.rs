@@ -1,0 +1,322 @@
+//! The config file: YAML → validated [`Config`]. This is the one place that validates configuration;
+//! every error names the offending field (and the line, where the parser knows it), and the CLI exits
+//! with code 2 on any of them, so a broken file never starts a half-configured server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Top-level config file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Identity of the gateway Envoy as it appears in xDS (`node.id`, `node.cluster`).
+    pub node: NodeConfig,
+    /// The ADS/SDS gRPC server the local Envoy connects to.
+    pub xds: XdsConfig,
+    /// The read-only debug HTTP server.
+    pub debug: DebugConfig,
+    /// Settings used when generating the Envoy bootstrap.
+    pub envoy: EnvoyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Envoy node id (`--node-id` on `winmesh bootstrap` overrides it).
+    pub id: String,
+    /// Envoy node cluster.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsMode {
+    /// State of the world (`api_type: GRPC`).
+    Sotw,
+    /// Incremental (`api_type: DELTA_GRPC`).
+    Delta,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretsVia {
+    /// Secrets travel on the ADS stream.
+    Ads,
+    /// Secrets travel on a separate `SecretDiscoveryService` stream.
+    Sds,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdsConfig {
+    /// Listen address. Loopback by default: this port hands out private keys.
+    pub listen: SocketAddr,
+    /// Protocol variant written into the bootstrap.
+    pub mode: XdsMode,
+    /// Whether secrets are fetched over ADS or a separate SDS stream.
+    pub secrets: SecretsVia,
+    /// File holding a bearer token that every stream must present. Required when `listen` is not a
+    /// loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DebugConfig {
+    /// Listen address of the debug HTTP server.
+    pub listen: SocketAddr,
+    /// File holding a bearer token required for `/debug/*` and `/metrics`. Required when `listen` is
+    /// not a loopback address.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnvoyConfig {
+    /// Envoy admin listener (keep it on loopback).
+    pub admin: SocketAddr,
+    /// Address Envoy dials for ADS. Defaults to `xds.listen` (a wildcard listen becomes 127.0.0.1).
+    pub xds_address: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeConfig::default(),
+            xds: XdsConfig::default(),
+            debug: DebugConfig::default(),
+            envoy: EnvoyConfig::default(),
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: "winmesh-gateway".into(),
+            cluster: "winmesh-gateway".into(),
+        }
+    }
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        XdsConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15010)),
+            mode: XdsMode::Sotw,
+            secrets: SecretsVia::Ads,
+            token_file: None,
+        }
+    }
+}
+
+impl Default for DebugConfig {
+    fn default() -> Self {
+        DebugConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 15014)),
+            token_file: None,
+        }
+    }
+}
+
+impl Default for EnvoyConfig {
+    fn default() -> Self {
+        EnvoyConfig {
+            admin: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            xds_address: None,
+        }
+    }
+}
+
+/// A config error: which field, what is wrong, and where in the file if known.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}: {field}: {message}{}", .line.map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default())]
+pub struct ConfigError {
+    pub file: String,
+    /// Dotted path of the field, e.g. `xds.listen`.
+    pub field: String,
+    pub message: String,
+    pub line: Option<(usize, usize)>,
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            field: "(file)".into(),
+            message: format!("cannot read: {e}"),
+            line: None,
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Parses and validates YAML text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            let de = serde_yaml::Deserializer::from_str(text);
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let line = inner.location().map(|l| (l.line(), l.column()));
+                let mut message = inner.to_string();
+                // serde_yaml appends " at line X column Y"; we report the location separately.
+                if let Some(i) = message.find(" at line ") {
+                    message.truncate(i);
+                }
+                ConfigError {
+                    file: file.to_string(),
+                    field: if path == "." { "(root)".into() } else { path },
+                    message,
+                    line,
+                }
+            })?
+        };
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, message: String| ConfigError {
+            file: file.to_string(),
+            field: field.to_string(),
+            message,
+            line: None,
+        };
+        if self.node.id.trim().is_empty() {
+            return Err(err("node.id", "must not be empty".into()));
+        }
+        if self.node.cluster.trim().is_empty() {
+            return Err(err("node.cluster", "must not be empty".into()));
+        }
+        if !self.xds.listen.ip().is_loopback() && self.xds.token_file.is_none() {
+            return Err(err(
+                "xds.token_file",
+                format!(
+                    "required because xds.listen {} is not a loopback address (this port serves private keys)",
+                    self.xds.listen
+                ),
+            ));
+        }
+        if !self.debug.listen.ip().is_loopback() && self.debug.token_file.is_none() {
+            return Err(err(
+                "debug.token_file",
+                format!(
+                    "required because debug.listen {} is not a loopback address",
+                    self.debug.listen
+                ),
+            ));
+        }
+        if self.xds.listen.port() != 0 && self.xds.listen == self.debug.listen {
+            return Err(err(
+                "debug.listen",
+                "must differ from xds.listen".into(),
+            ));
+        }
+        for (field, path) in [
+            ("xds.token_file", &self.xds.token_file),
+            ("debug.token_file", &self.debug.token_file),
+        ] {
+            if let Some(p) = path {
+                read_token(p).map_err(|m| err(field, m))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where Envoy should dial for ADS.
+    pub fn xds_target(&self) -> SocketAddr {
+        if let Some(a) = self.envoy.xds_address {
+            return a;
+        }
+        let mut a = self.xds.listen;
+        if a.ip().is_unspecified() {
+            a.set_ip(match a.ip() {
+                IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+                IpAddr::V6(_) => IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+            });
+        }
+        a
+    }
+}
+
+/// Reads a bearer token file: trimmed, non-empty. The token itself never appears in errors.
+pub fn read_token(path: &Path) -> Result<String, String> {
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let t = t.trim().to_string();
+    if t.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_safe_defaults() {
+        let c = Config::parse("", "c.yaml").unwrap();
+        assert!(c.xds.listen.ip().is_loopback());
+        assert!(c.debug.listen.ip().is_loopback());
+        assert_eq!(c.xds.listen.port(), 15010);
+        assert_eq!(c.debug.listen.port(), 15014);
+        assert_eq!(c.xds_target(), c.xds.listen);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_line() {
+        let e = Config::parse("xds:\n  lisen: 127.0.0.1:1\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "xds.lisen");
+        assert!(e.message.contains("unknown field `lisen`"), "{e}");
+        assert_eq!(e.line.map(|l| l.0), Some(2));
+    }
+
+    #[test]
+    fn bad_value_names_the_field() {
+        let e = Config::parse("xds:\n  listen: nope\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "xds.listen");
+        assert!(e.to_string().starts_with("c.yaml: xds.listen: "), "{e}");
+        let e = Config::parse("xds:\n  mode: fast\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "xds.mode");
+    }
+
+    #[test]
+    fn non_loopback_xds_requires_a_token() {
+        let e = Config::parse("xds:\n  listen: 0.0.0.0:15010\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "xds.token_file");
+        let e = Config::parse("debug:\n  listen: 10.1.2.3:15014\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "debug.token_file");
+    }
+
+    #[test]
+    fn token_file_must_exist_and_is_not_leaked() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "  s3cret-token\n").unwrap();
+        let text = format!("xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n", p.display());
+        let c = Config::parse(&text, "c.yaml").unwrap();
+        assert_eq!(c.xds_target(), SocketAddr::from(([127, 0, 0, 1], 15010)));
+        assert_eq!(read_token(&p).unwrap(), "s3cret-token");
+        std::fs::write(&p, "\n").unwrap();
+        let e = Config::parse(&text, "c.yaml").unwrap_err();
+        assert_eq!(e.field, "xds.token_file");
+        assert!(!e.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn same_port_twice_is_rejected() {
+        let e = Config::parse(
+            "xds:\n  listen: 127.0.0.1:9000\ndebug:\n  listen: 127.0.0.1:9000\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "debug.listen");
+    }
+}

@@ -1,0 +1,190 @@
+//! Read-only debug HTTP server (loopback by default): `/healthz`, `/readyz`, `/metrics`,
+//! `/debug/syncz`, `/debug/config_dump?node=ID`, and named JSON views that other modules register
+//! (`/debug/certs`, `/debug/registryz`). With a token configured, everything but the health probes
+//! requires `Authorization: Bearer <token>`. Nothing here can change state, and no view contains key
+//! material.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::metrics::Metrics;
+use crate::xds::SnapshotCache;
+use crate::xds::clients::ClientRegistry;
+
+/// A JSON view provider.
+pub type View = Arc<dyn Fn() -> Value + Send + Sync>;
+
+/// Readiness of each component; the process is ready when all are.
+#[derive(Default)]
+pub struct Readiness {
+    parts: RwLock<BTreeMap<&'static str, Result<(), String>>>,
+}
+
+impl Readiness {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+    /// Declares a component that is not ready yet.
+    pub fn register(&self, name: &'static str, why: &str) {
+        self.set(name, Err(why.to_string()));
+    }
+    pub fn set(&self, name: &'static str, state: Result<(), String>) {
+        match self.parts.write() {
+            Ok(mut p) => p.insert(name, state),
+            Err(p) => p.into_inner().insert(name, state),
+        };
+    }
+    pub fn snapshot(&self) -> BTreeMap<&'static str, Result<(), String>> {
+        match self.parts.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    pub fn is_ready(&self) -> bool {
+        self.snapshot().values().all(|r| r.is_ok())
+    }
+}
+
+#[derive(Clone)]
+pub struct DebugState {
+    pub cache: SnapshotCache,
+    pub clients: Arc<ClientRegistry>,
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub token: Option<Arc<str>>,
+    pub views: Arc<RwLock<BTreeMap<&'static str, View>>>,
+}
+
+impl DebugState {
+    pub fn add_view(&self, name: &'static str, view: View) {
+        match self.views.write() {
+            Ok(mut v) => v.insert(name, view),
+            Err(p) => p.into_inner().insert(name, view),
+        };
+    }
+}
+
+pub fn router(state: DebugState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/debug/syncz", get(syncz))
+        .route("/debug/config_dump", get(config_dump))
+        .route("/debug/{view}", get(view))
+        .with_state(state)
+}
+
+fn authorized(state: &DebugState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let ok = got.len() == token.len()
+        && got
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err((StatusCode::UNAUTHORIZED, "bearer token required\n").into_response())
+    }
+}
+
+async fn readyz(State(s): State<DebugState>) -> Response {
+    let parts = s.readiness.snapshot();
+    let mut body = String::new();
+    let mut ready = true;
+    for (name, st) in &parts {
+        match st {
+            Ok(()) => body.push_str(&format!("{name}: ready\n")),
+            Err(why) => {
+                ready = false;
+                body.push_str(&format!("{name}: not ready: {why}\n"));
+            }
+        }
+    }
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body).into_response()
+}
+
+async fn metrics(State(s): State<DebugState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn syncz(State(s): State<DebugState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    axum::Json(json!({ "clients": s.clients.list() })).into_response()
+}
+
+#[derive(Deserialize)]
+struct DumpQuery {
+    node: Option<String>,
+}
+
+async fn config_dump(
+    State(s): State<DebugState>,
+    headers: HeaderMap,
+    Query(q): Query<DumpQuery>,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let snap = match &q.node {
+        Some(n) => s.cache.snapshot_for(n),
+        None => s.cache.global(),
+    };
+    match snap {
+        Some(snap) => axum::Json(crate::configdump::config_dump(&snap)).into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"error": "no configuration has been published yet"})),
+        )
+            .into_response(),
+    }
+}
+
+async fn view(
+    State(s): State<DebugState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return r;
+    }
+    let v = match s.views.read() {
+        Ok(v) => v.get(name.as_str()).cloned(),
+        Err(p) => p.into_inner().get(name.as_str()).cloned(),
+    };
+    match v {
+        Some(f) => axum::Json(f()).into_response(),
+        None => (StatusCode::NOT_FOUND, format!("no debug view {name:?}\n")).into_response(),
+    }
+}
