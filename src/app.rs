@@ -77,7 +77,8 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(Running, SnapshotWriter)> {
     let readiness = Readiness::new();
     let (shutdown, _) = watch::channel(false);
 
-    let xds = XdsServer::new(cache.clone(), clients.clone(), metrics.clone(), xds_token);
+    let xds = XdsServer::new(cache.clone(), clients.clone(), metrics.clone(), xds_token)
+        .with_shutdown(shutdown.subscribe());
     let mut rx = shutdown.subscribe();
     let xds_task = tokio::spawn(async move {
         let stop = async move {
@@ -146,7 +147,11 @@ pub async fn shutdown_signal() {
     #[cfg(windows)]
     {
         use tokio::signal::windows;
-        match (windows::ctrl_break(), windows::ctrl_close(), windows::ctrl_shutdown()) {
+        match (
+            windows::ctrl_break(),
+            windows::ctrl_close(),
+            windows::ctrl_shutdown(),
+        ) {
             (Ok(mut brk), Ok(mut close), Ok(mut shut)) => {
                 tokio::select! {
                     _ = tokio::signal::ctrl_c() => {}

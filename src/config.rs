@@ -213,10 +213,7 @@ impl Config {
             ));
         }
         if self.xds.listen.port() != 0 && self.xds.listen == self.debug.listen {
-            return Err(err(
-                "debug.listen",
-                "must differ from xds.listen".into(),
-            ));
+            return Err(err("debug.listen", "must differ from xds.listen".into()));
         }
         for (field, path) in [
             ("xds.token_file", &self.xds.token_file),
@@ -300,7 +297,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tok");
         std::fs::write(&p, "  s3cret-token\n").unwrap();
-        let text = format!("xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n", p.display());
+        let text = format!(
+            "xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n",
+            p.display()
+        );
         let c = Config::parse(&text, "c.yaml").unwrap();
         assert_eq!(c.xds_target(), SocketAddr::from(([127, 0, 0, 1], 15010)));
         assert_eq!(read_token(&p).unwrap(), "s3cret-token");

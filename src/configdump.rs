@@ -101,11 +101,36 @@ fn ts(t: SystemTime) -> String {
 pub fn config_dump(snap: &ResourceSnapshot) -> Value {
     let mut configs = Vec::new();
     for (t, dump_type, list_field, item_field) in [
-        (TypeUrl::Cluster, "ClustersConfigDump", "dynamic_active_clusters", "cluster"),
-        (TypeUrl::Endpoint, "EndpointsConfigDump", "dynamic_endpoint_configs", "endpoint_config"),
-        (TypeUrl::Listener, "ListenersConfigDump", "dynamic_listeners", "listener"),
-        (TypeUrl::Route, "RoutesConfigDump", "dynamic_route_configs", "route_config"),
-        (TypeUrl::Secret, "SecretsConfigDump", "dynamic_active_secrets", "secret"),
+        (
+            TypeUrl::Cluster,
+            "ClustersConfigDump",
+            "dynamic_active_clusters",
+            "cluster",
+        ),
+        (
+            TypeUrl::Endpoint,
+            "EndpointsConfigDump",
+            "dynamic_endpoint_configs",
+            "endpoint_config",
+        ),
+        (
+            TypeUrl::Listener,
+            "ListenersConfigDump",
+            "dynamic_listeners",
+            "listener",
+        ),
+        (
+            TypeUrl::Route,
+            "RoutesConfigDump",
+            "dynamic_route_configs",
+            "route_config",
+        ),
+        (
+            TypeUrl::Secret,
+            "SecretsConfigDump",
+            "dynamic_active_secrets",
+            "secret",
+        ),
     ] {
         let mut items = Vec::new();
         for (name, r) in snap.resources(t) {
@@ -150,7 +175,10 @@ pub fn config_dump(snap: &ResourceSnapshot) -> Value {
             Value::String(format!("type.googleapis.com/envoy.admin.v3.{dump_type}")),
         );
         if matches!(t, TypeUrl::Cluster | TypeUrl::Listener) {
-            dump.insert("version_info".into(), Value::String(snap.type_version(t).into()));
+            dump.insert(
+                "version_info".into(),
+                Value::String(snap.type_version(t).into()),
+            );
         }
         dump.insert(list_field.into(), Value::Array(items));
         configs.push(Value::Object(dump));
@@ -173,7 +201,9 @@ mod tests {
                     watched_directory: None,
                 }),
                 private_key: Some(DataSource {
-                    specifier: Some(Specifier::InlineBytes(b"-----BEGIN PRIVATE KEY-----SECRET".to_vec())),
+                    specifier: Some(Specifier::InlineBytes(
+                        b"-----BEGIN PRIVATE KEY-----SECRET".to_vec(),
+                    )),
                     watched_directory: None,
                 }),
                 ..Default::default()
@@ -194,10 +224,14 @@ mod tests {
         assert!(!text.contains("SECRET"));
         assert!(text.contains("[redacted]"));
         // The typed filter config inside the listener is resolved, not left as bytes.
-        assert!(text.contains("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"));
+        assert!(text.contains(
+            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+        ));
         // Round trip through Envoy's own schema: the JSON is a valid envoy.admin.v3.ConfigDump.
         let pool = pool().unwrap();
-        let desc = pool.get_message_by_name("envoy.admin.v3.ConfigDump").unwrap();
+        let desc = pool
+            .get_message_by_name("envoy.admin.v3.ConfigDump")
+            .unwrap();
         let mut de = serde_json::Deserializer::from_str(&text);
         DynamicMessage::deserialize_with_options(desc, &mut de, &DeserializeOptions::new())
             .expect("valid ConfigDump JSON");

@@ -9,7 +9,11 @@ use winmesh::bootstrap::{BootstrapOptions, bootstrap_yaml};
 use winmesh::config::{Config, XdsMode, read_token};
 
 #[derive(Parser, Debug)]
-#[command(name = "winmesh", version, about = "xDS control plane for a stock Envoy gateway bringing Windows workloads into an Istio mesh")]
+#[command(
+    name = "winmesh",
+    version,
+    about = "xDS control plane for a stock Envoy gateway bringing Windows workloads into an Istio mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -109,7 +113,14 @@ fn main() -> ExitCode {
             };
             print!(
                 "{}",
-                bootstrap_yaml(&cfg, &BootstrapOptions { node_id, mode, token })
+                bootstrap_yaml(
+                    &cfg,
+                    &BootstrapOptions {
+                        node_id,
+                        mode,
+                        token
+                    }
+                )
             );
             ExitCode::SUCCESS
         }
@@ -157,7 +168,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("winmesh: cannot start runtime: {e}");

@@ -7,7 +7,9 @@ use crate::xds::SnapshotBuilder;
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let (running, mut writer) = crate::app::start(&cfg).await?;
-    running.readiness.register("config", "no snapshot published yet");
+    running
+        .readiness
+        .register("config", "no snapshot published yet");
     // Without mesh sources configured, the correct configuration is the empty one.
     writer.publish(SnapshotBuilder::new().build());
     running.readiness.set("config", Ok(()));

@@ -42,6 +42,8 @@ pub struct XdsServer {
     /// If set, every stream must carry `authorization: Bearer <token>`.
     token: Option<Arc<str>>,
     control_plane_id: Arc<str>,
+    /// Streams end when this turns true, so a graceful server shutdown does not wait for proxies.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -59,7 +61,14 @@ impl XdsServer {
             metrics,
             token: token.map(Into::into),
             control_plane_id: format!("winmesh/{}", env!("CARGO_PKG_VERSION")).into(),
+            shutdown: tokio::sync::watch::channel(false).1,
         }
+    }
+
+    /// Ends every stream when `shutdown` turns true.
+    pub fn with_shutdown(mut self, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// The ADS service with the raised decode limit.
@@ -120,6 +129,8 @@ impl XdsServer {
         peer: Option<SocketAddr>,
     ) {
         let mut notify = self.cache.subscribe();
+        let shutdown = until_true(self.shutdown.clone());
+        tokio::pin!(shutdown);
         let mut registration = None;
         let mut current: Option<Arc<ResourceSnapshot>> = None;
         let m = &self.metrics;
@@ -146,6 +157,7 @@ impl XdsServer {
                     }
                 }
                 _ = tx.closed() => break 'stream,
+                _ = &mut shutdown => break 'stream,
             }
             let Some(node) = machine.node().cloned() else {
                 continue;
@@ -153,7 +165,12 @@ impl XdsServer {
             if registration.is_none() {
                 info!(node = %node.id, envoy = %node.envoy_version, ?peer, service = M::SERVICE,
                       mode = M::MODE, "proxy connected");
-                m.add("winmesh_xds_connected_proxies", "Connected xDS streams.", &[("service", M::SERVICE)], 1.0);
+                m.add(
+                    "winmesh_xds_connected_proxies",
+                    "Connected xDS streams.",
+                    &[("service", M::SERVICE)],
+                    1.0,
+                );
                 registration = Some(self.clients.register(&node, peer, M::SERVICE, M::MODE));
             }
             notify.borrow_and_update();
@@ -165,8 +182,18 @@ impl XdsServer {
             }
             while let Some((t, resp)) = machine.next(Instant::now()) {
                 let size = M::encoded_len(&resp) as f64;
-                m.inc("winmesh_xds_pushes_total", "xDS responses sent.", &[("type", t.short())], 1.0);
-                m.inc("winmesh_xds_push_bytes_total", "Bytes of xDS responses sent.", &[("type", t.short())], size);
+                m.inc(
+                    "winmesh_xds_pushes_total",
+                    "xDS responses sent.",
+                    &[("type", t.short())],
+                    1.0,
+                );
+                m.inc(
+                    "winmesh_xds_push_bytes_total",
+                    "Bytes of xDS responses sent.",
+                    &[("type", t.short())],
+                    size,
+                );
                 if tx.send(Ok(resp)).await.is_err() {
                     break 'stream;
                 }
@@ -179,7 +206,12 @@ impl XdsServer {
             info!(node = %node.id, ?peer, service = M::SERVICE, "proxy disconnected");
         }
         if registration.take().is_some() {
-            m.add("winmesh_xds_connected_proxies", "Connected xDS streams.", &[("service", M::SERVICE)], -1.0);
+            m.add(
+                "winmesh_xds_connected_proxies",
+                "Connected xDS streams.",
+                &[("service", M::SERVICE)],
+                -1.0,
+            );
         }
     }
 
@@ -195,7 +227,12 @@ impl XdsServer {
             ),
             RequestKind::Nack { latency, message } => {
                 warn!(node, r#type = t.short(), error = %message, "proxy rejected config (NACK); keeping last good config");
-                m.inc("winmesh_xds_nacks_total", "xDS responses rejected by proxies.", &[("type", t.short())], 1.0);
+                m.inc(
+                    "winmesh_xds_nacks_total",
+                    "xDS responses rejected by proxies.",
+                    &[("type", t.short())],
+                    1.0,
+                );
                 m.observe(
                     "winmesh_xds_push_to_ack_seconds",
                     "Time from sending an xDS response to its ACK or NACK.",
@@ -232,6 +269,18 @@ impl XdsServer {
     }
 }
 
+/// Resolves once the flag is true (never, if its sender is gone while false).
+async fn until_true(mut rx: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
 /// The only place a stream error becomes a gRPC status.
 fn to_status(e: &StreamError) -> Status {
     Status::invalid_argument(e.to_string())
@@ -250,7 +299,11 @@ trait Machine: Send + 'static {
     type Resp: prost::Message + Send + 'static;
     const SERVICE: &'static str;
     const MODE: &'static str;
-    fn handle(&mut self, req: &Self::Req, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError>;
+    fn handle(
+        &mut self,
+        req: &Self::Req,
+        now: Instant,
+    ) -> Result<(TypeUrl, RequestKind), StreamError>;
     fn next(&mut self, now: Instant) -> Option<(TypeUrl, Self::Resp)>;
     fn set_snapshot(&mut self, s: Arc<ResourceSnapshot>);
     fn node(&self) -> Option<&NodeInfo>;
@@ -268,7 +321,11 @@ impl<const SDS: bool> Machine for Sotw<SDS> {
     type Resp = WireDiscoveryResponse;
     const SERVICE: &'static str = if SDS { "SDS" } else { "ADS" };
     const MODE: &'static str = "SotW";
-    fn handle(&mut self, req: &DiscoveryRequest, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError> {
+    fn handle(
+        &mut self,
+        req: &DiscoveryRequest,
+        now: Instant,
+    ) -> Result<(TypeUrl, RequestKind), StreamError> {
         self.0.handle_request(req, now)
     }
     fn next(&mut self, now: Instant) -> Option<(TypeUrl, WireDiscoveryResponse)> {
@@ -290,7 +347,11 @@ impl<const SDS: bool> Machine for Delta<SDS> {
     type Resp = WireDeltaDiscoveryResponse;
     const SERVICE: &'static str = if SDS { "SDS" } else { "ADS" };
     const MODE: &'static str = "Delta";
-    fn handle(&mut self, req: &DeltaDiscoveryRequest, now: Instant) -> Result<(TypeUrl, RequestKind), StreamError> {
+    fn handle(
+        &mut self,
+        req: &DeltaDiscoveryRequest,
+        now: Instant,
+    ) -> Result<(TypeUrl, RequestKind), StreamError> {
         self.0.handle_request(req, now)
     }
     fn next(&mut self, now: Instant) -> Option<(TypeUrl, WireDeltaDiscoveryResponse)> {
