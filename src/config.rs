@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// Top-level config file.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Identity of the gateway Envoy as it appears in xDS (`node.id`, `node.cluster`).
@@ -79,17 +79,6 @@ pub struct EnvoyConfig {
     pub admin: SocketAddr,
     /// Address Envoy dials for ADS. Defaults to `xds.listen` (a wildcard listen becomes 127.0.0.1).
     pub xds_address: Option<SocketAddr>,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeConfig::default(),
-            xds: XdsConfig::default(),
-            debug: DebugConfig::default(),
-            envoy: EnvoyConfig::default(),
-        }
-    }
 }
 
 impl Default for NodeConfig {

@@ -83,7 +83,7 @@ pub fn router(state: DebugState) -> Router {
         .with_state(state)
 }
 
-fn authorized(state: &DebugState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorized(state: &DebugState, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(token) = &state.token else {
         return Ok(());
     };
@@ -101,7 +101,9 @@ fn authorized(state: &DebugState, headers: &HeaderMap) -> Result<(), Response> {
     if ok {
         Ok(())
     } else {
-        Err((StatusCode::UNAUTHORIZED, "bearer token required\n").into_response())
+        Err(Box::new(
+            (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response(),
+        ))
     }
 }
 
@@ -128,7 +130,7 @@ async fn readyz(State(s): State<DebugState>) -> Response {
 
 async fn metrics(State(s): State<DebugState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&s, &headers) {
-        return r;
+        return *r;
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -139,7 +141,7 @@ async fn metrics(State(s): State<DebugState>, headers: HeaderMap) -> Response {
 
 async fn syncz(State(s): State<DebugState>, headers: HeaderMap) -> Response {
     if let Err(r) = authorized(&s, &headers) {
-        return r;
+        return *r;
     }
     axum::Json(json!({ "clients": s.clients.list() })).into_response()
 }
@@ -155,7 +157,7 @@ async fn config_dump(
     Query(q): Query<DumpQuery>,
 ) -> Response {
     if let Err(r) = authorized(&s, &headers) {
-        return r;
+        return *r;
     }
     let snap = match &q.node {
         Some(n) => s.cache.snapshot_for(n),
@@ -177,7 +179,7 @@ async fn view(
     Path(name): Path<String>,
 ) -> Response {
     if let Err(r) = authorized(&s, &headers) {
-        return r;
+        return *r;
     }
     let v = match s.views.read() {
         Ok(v) => v.get(name.as_str()).cloned(),

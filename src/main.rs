@@ -61,7 +61,7 @@ enum Cmd {
     },
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("winmesh: invalid configuration: {e}");
         ExitCode::from(2)
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
             debug_addr,
             json,
         } => {
-            let cfg = match config.as_ref().map(load).transpose() {
+            let cfg = match config.as_deref().map(load).transpose() {
                 Ok(c) => c.unwrap_or_default(),
                 Err(code) => return code,
             };

