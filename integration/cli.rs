@@ -16,11 +16,23 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf 
 #[test]
 fn validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    let good = write(&dir, "good.yaml", "xds:\n  listen: 127.0.0.1:15010\n  mode: delta\n");
+    let good = write(
+        &dir,
+        "good.yaml",
+        "xds:\n  listen: 127.0.0.1:15010\n  mode: delta\n",
+    );
     let out = winmesh().arg("validate").arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let bad = write(&dir, "bad.yaml", "xds:\n  listen: 127.0.0.1:15010\n  mdoe: delta\n");
+    let bad = write(
+        &dir,
+        "bad.yaml",
+        "xds:\n  listen: 127.0.0.1:15010\n  mdoe: delta\n",
+    );
     let out = winmesh().arg("validate").arg(&bad).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -35,7 +47,11 @@ fn validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2() {
 fn serve_with_a_broken_config_exits_2_without_listening() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write(&dir, "bad.yaml", "debug:\n  listen: 0.0.0.0:0\n");
-    let out = winmesh().args(["serve", "--config"]).arg(&bad).output().unwrap();
+    let out = winmesh()
+        .args(["serve", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("debug.token_file"));
 }
@@ -52,7 +68,10 @@ fn bootstrap_prints_yaml_envoy_can_read() {
     assert!(out.status.success());
     let v: serde_json::Value = serde_yaml::from_slice(&out.stdout).unwrap();
     assert_eq!(v["node"]["id"], "gw-1");
-    assert_eq!(v["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+    assert_eq!(
+        v["dynamic_resources"]["ads_config"]["api_type"],
+        "DELTA_GRPC"
+    );
 }
 
 fn free_port() -> u16 {
@@ -91,7 +110,10 @@ fn serve_becomes_ready_and_status_talks_to_it() {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("status never succeeded: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "status never succeeded: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };

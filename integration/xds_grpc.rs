@@ -83,7 +83,9 @@ async fn sotw(
 }
 
 async fn next<T>(s: &mut tonic::Streaming<T>) -> Result<Option<T>, tonic::Status> {
-    tokio::time::timeout(T, s.message()).await.expect("timely answer")
+    tokio::time::timeout(T, s.message())
+        .await
+        .expect("timely answer")
 }
 
 #[tokio::test]
@@ -101,7 +103,10 @@ async fn missing_node_closes_only_that_stream() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("node"), "{}", err.message());
     assert_eq!(
-        r.metrics.value("winmesh_xds_stream_errors_total", &[("reason", "missing_node")]),
+        r.metrics.value(
+            "winmesh_xds_stream_errors_total",
+            &[("reason", "missing_node")]
+        ),
         Some(1.0)
     );
     // The server goes on serving other streams.
@@ -142,7 +147,10 @@ async fn unknown_type_url_is_an_invalid_argument() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("v2.Cluster"));
     assert_eq!(
-        r.metrics.value("winmesh_xds_stream_errors_total", &[("reason", "unknown_type_url")]),
+        r.metrics.value(
+            "winmesh_xds_stream_errors_total",
+            &[("reason", "unknown_type_url")]
+        ),
         Some(1.0)
     );
     // An ADS request without a type URL is rejected too.
@@ -154,7 +162,10 @@ async fn unknown_type_url_is_an_invalid_argument() {
         },
     )
     .await;
-    assert_eq!(next(&mut resp.unwrap()).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        next(&mut resp.unwrap()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
     r.stop().await;
 }
 
@@ -163,7 +174,12 @@ async fn delta_request_above_four_mib_is_accepted() {
     let (r, _w, _d) = start(None).await;
     // ~6 MiB of initial_resource_versions, as a large mesh reconnecting would send.
     let initial: std::collections::HashMap<String, String> = (0..60_000)
-        .map(|i| (format!("outbound|8080||service-{i:06}.namespace.svc.cluster.local"), "0123456789abcdef0123456789abcdef".to_string()))
+        .map(|i| {
+            (
+                format!("outbound|8080||service-{i:06}.namespace.svc.cluster.local"),
+                "0123456789abcdef0123456789abcdef".to_string(),
+            )
+        })
         .collect();
     let req = DeltaDiscoveryRequest {
         node: Some(node()),
@@ -209,7 +225,12 @@ async fn sds_stream_serves_secrets() {
         .unwrap()
         .into_inner();
     let resp = next(&mut s).await.unwrap().unwrap();
-    assert_eq!(Secret::decode(resp.resources[0].value.as_slice()).unwrap().name, "default");
+    assert_eq!(
+        Secret::decode(resp.resources[0].value.as_slice())
+            .unwrap()
+            .name,
+        "default"
+    );
     r.stop().await;
 }
 

@@ -7,6 +7,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod configdump;
 pub mod debug;
+pub mod identity;
 pub mod metrics;
 pub mod serve;
 pub mod status;
