@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +20,163 @@ pub struct Config {
     pub debug: DebugConfig,
     /// Settings used when generating the Envoy bootstrap.
     pub envoy: EnvoyConfig,
+    /// The gateway's workload identity and any additional identities it presents.
+    pub identity: IdentityConfig,
+    /// Where certificates come from: `dev` (embedded CA) or `istiod`. Absent: no certificates.
+    #[serde(deserialize_with = "de_ca", default)]
+    pub ca: Option<CaConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Trust domain of the mesh (Istio's `trustDomain`).
+    pub trust_domain: String,
+    /// Namespace of the gateway's service account.
+    pub namespace: String,
+    /// The gateway's service account; its identity is `spiffe://<trust_domain>/ns/<namespace>/sa/<sa>`.
+    pub service_account: String,
+    /// Service-account token with audience `istio-ca` (re-read on every CA call). Required with `ca: istiod`.
+    pub token_file: Option<PathBuf>,
+    /// Requested certificate lifetime, e.g. `24h`.
+    #[serde(with = "duration_str")]
+    pub ttl: Duration,
+    /// Additional identities (e.g. one per Windows workload), each served under its SPIFFE ID.
+    pub extra: Vec<ExtraIdentity>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ExtraIdentity {
+    /// `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    pub spiffe_id: String,
+    /// Token for this service account (audience `istio-ca`). Required with `ca: istiod`.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CaMode {
+    /// Embedded development CA (local demo and tests).
+    Dev,
+    /// istiod's CA, exactly as istio-agent uses it.
+    Istiod,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    pub mode: CaMode,
+    /// dev: directory that keeps the dev root across restarts.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// istiod: CA address (TLS gRPC).
+    #[serde(default = "default_ca_address")]
+    pub address: String,
+    /// istiod: name verified in istiod's serving certificate.
+    #[serde(default = "default_ca_server_name")]
+    pub server_name: String,
+    /// istiod: mesh root certificate (the `istio-ca-root-cert` ConfigMap's `root-cert.pem`).
+    #[serde(default = "default_root_cert_file")]
+    pub root_cert_file: PathBuf,
+    /// istiod: value of the `clusterid` header.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
+    /// istiod: connect and call timeout.
+    #[serde(default = "default_ca_timeout", with = "duration_str")]
+    pub timeout: Duration,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".state/dev-ca")
+}
+fn default_ca_address() -> String {
+    "istiod.istio-system.svc:15012".into()
+}
+fn default_ca_server_name() -> String {
+    "istiod.istio-system.svc".into()
+}
+fn default_root_cert_file() -> PathBuf {
+    PathBuf::from("/var/run/secrets/istio/root-cert.pem")
+}
+fn default_cluster_id() -> String {
+    "Kubernetes".into()
+}
+fn default_ca_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl CaConfig {
+    pub fn of(mode: CaMode) -> Self {
+        CaConfig {
+            mode,
+            state_dir: default_state_dir(),
+            address: default_ca_address(),
+            server_name: default_ca_server_name(),
+            root_cert_file: default_root_cert_file(),
+            cluster_id: default_cluster_id(),
+            timeout: default_ca_timeout(),
+        }
+    }
+}
+
+/// `ca: dev` / `ca: istiod`, or a mapping with `mode:` and settings.
+fn de_ca<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<CaConfig>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Option<CaConfig>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("`dev`, `istiod`, or a mapping with `mode`")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            match v {
+                "dev" => Ok(Some(CaConfig::of(CaMode::Dev))),
+                "istiod" => Ok(Some(CaConfig::of(CaMode::Istiod))),
+                other => Err(E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+            }
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            CaConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+    d.deserialize_any(V)
+}
+
+mod duration_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!("invalid duration {s:?}: {e} (use e.g. 24h, 90s)"))
+        })
+    }
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            trust_domain: "cluster.local".into(),
+            namespace: "winmesh".into(),
+            service_account: "winmesh-gateway".into(),
+            token_file: None,
+            ttl: Duration::from_secs(24 * 3600),
+            extra: vec![],
+        }
+    }
+}
+
+impl IdentityConfig {
+    /// The gateway's own SPIFFE ID.
+    pub fn spiffe_id(&self) -> Result<crate::identity::SpiffeId, crate::identity::SpiffeIdError> {
+        crate::identity::SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -204,6 +362,59 @@ impl Config {
         if self.xds.listen.port() != 0 && self.xds.listen == self.debug.listen {
             return Err(err("debug.listen", "must differ from xds.listen".into()));
         }
+        self.identity
+            .spiffe_id()
+            .map_err(|e| err("identity", e.to_string()))?;
+        if self.identity.ttl < Duration::from_secs(2)
+            || self.identity.ttl > Duration::from_secs(90 * 86400)
+        {
+            return Err(err(
+                "identity.ttl",
+                "must be between 2s and 90d (istiod's maximum)".into(),
+            ));
+        }
+        for (i, x) in self.identity.extra.iter().enumerate() {
+            let id = crate::identity::SpiffeId::parse(&x.spiffe_id)
+                .map_err(|e| err(&format!("identity.extra[{i}].spiffe_id"), e.to_string()))?;
+            if id.trust_domain != self.identity.trust_domain {
+                return Err(err(
+                    &format!("identity.extra[{i}].spiffe_id"),
+                    format!(
+                        "trust domain {:?} differs from identity.trust_domain {:?}",
+                        id.trust_domain, self.identity.trust_domain
+                    ),
+                ));
+            }
+        }
+        if let Some(ca) = &self.ca
+            && ca.mode == CaMode::Istiod
+        {
+            if self.identity.token_file.is_none() {
+                return Err(err(
+                    "identity.token_file",
+                    "required with ca: istiod (istiod derives the identity from this token)".into(),
+                ));
+            }
+            for (i, x) in self.identity.extra.iter().enumerate() {
+                if x.token_file.is_none() {
+                    return Err(err(
+                        &format!("identity.extra[{i}].token_file"),
+                        "required with ca: istiod".into(),
+                    ));
+                }
+            }
+            if ca
+                .address
+                .rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(err(
+                    "ca.address",
+                    format!("{:?} must be host:port", ca.address),
+                ));
+            }
+        }
         for (field, path) in [
             ("xds.token_file", &self.xds.token_file),
             ("debug.token_file", &self.debug.token_file),
@@ -297,6 +508,48 @@ mod tests {
         let e = Config::parse(&text, "c.yaml").unwrap_err();
         assert_eq!(e.field, "xds.token_file");
         assert!(!e.to_string().contains("s3cret"));
+    }
+
+    #[test]
+    fn ca_short_and_long_forms() {
+        let c = Config::parse("ca: dev\n", "c.yaml").unwrap();
+        assert_eq!(c.ca.unwrap().mode, CaMode::Dev);
+        let c = Config::parse(
+            "identity:\n  token_file: /t\nca:\n  mode: istiod\n  address: 127.0.0.1:15012\n  timeout: 3s\n",
+            "c.yaml",
+        )
+        .unwrap();
+        let ca = c.ca.unwrap();
+        assert_eq!(ca.server_name, "istiod.istio-system.svc");
+        assert_eq!(ca.timeout, Duration::from_secs(3));
+        let e = Config::parse("ca: vault\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "ca");
+        let e = Config::parse("ca:\n  mode: istiod\n  adress: x:1\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "ca.adress");
+        let e = Config::parse("ca: istiod\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "identity.token_file");
+    }
+
+    #[test]
+    fn identity_fields_are_checked() {
+        let e = Config::parse("identity:\n  ttl: forever\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "identity.ttl");
+        let e = Config::parse("identity:\n  ttl: 1s\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "identity.ttl");
+        let e = Config::parse("identity:\n  namespace: \"a b\"\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "identity");
+        let e = Config::parse(
+            "identity:\n  extra:\n    - spiffe_id: spiffe://other.td/ns/a/sa/b\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "identity.extra[0].spiffe_id");
+        let c = Config::parse("identity:\n  ttl: 90m\n", "c.yaml").unwrap();
+        assert_eq!(c.identity.ttl, Duration::from_secs(5400));
+        assert_eq!(
+            c.identity.spiffe_id().unwrap().to_string(),
+            "spiffe://cluster.local/ns/winmesh/sa/winmesh-gateway"
+        );
     }
 
     #[test]

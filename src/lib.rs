@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod assemble;
 pub mod bootstrap;
 pub mod config;
 pub mod configdump;
@@ -11,4 +12,5 @@ pub mod identity;
 pub mod metrics;
 pub mod serve;
 pub mod status;
+pub mod translate;
 pub mod xds;

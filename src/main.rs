@@ -47,6 +47,11 @@ enum Cmd {
         /// Config file (YAML).
         file: PathBuf,
     },
+    /// The embedded development CA.
+    DevCa {
+        #[command(subcommand)]
+        cmd: DevCaCmd,
+    },
     /// Show connected proxies and their sync state (like `istioctl proxy-status`).
     Status {
         /// Config file, to find the debug address and token.
@@ -58,6 +63,26 @@ enum Cmd {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DevCaCmd {
+    /// Issue a key and certificate for a test party (e.g. a demo Linux sidecar): writes
+    /// cert-chain.pem, key.pem (owner-only) and root-cert.pem into --out.
+    Issue {
+        /// Config file: its `ca.state_dir` and `identity.trust_domain` locate the dev root.
+        #[arg(long, short, env = "WINMESH_CONFIG")]
+        config: Option<PathBuf>,
+        /// SPIFFE ID to put in the certificate.
+        #[arg(long)]
+        identity: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime, e.g. 24h.
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
     },
 }
 
@@ -131,6 +156,47 @@ fn main() -> ExitCode {
             };
             init_logging();
             runtime(async move { winmesh::serve::run(cfg).await })
+        }
+        Cmd::DevCa {
+            cmd:
+                DevCaCmd::Issue {
+                    config,
+                    identity,
+                    out,
+                    ttl,
+                },
+        } => {
+            let cfg = match config.as_deref().map(load).transpose() {
+                Ok(c) => c.unwrap_or_default(),
+                Err(code) => return code,
+            };
+            let id = match winmesh::identity::SpiffeId::parse(&identity) {
+                Ok(id) => id,
+                Err(e) => {
+                    eprintln!("winmesh: --identity: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let state_dir = cfg
+                .ca
+                .as_ref()
+                .map(|c| c.state_dir.clone())
+                .unwrap_or_else(|| {
+                    winmesh::config::CaConfig::of(winmesh::config::CaMode::Dev).state_dir
+                });
+            let result =
+                winmesh::identity::dev_ca::DevCa::load_or_create(&state_dir, &id.trust_domain)
+                    .and_then(|ca| ca.issue_to_dir(&id, ttl.into(), &out));
+            match result {
+                Ok(()) => {
+                    println!("issued {id} into {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("winmesh: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Cmd::Status {
             config,

@@ -3,7 +3,9 @@
 //! Everything binds 127.0.0.1 with OS-assigned ports; every process is killed on drop.
 #![allow(dead_code)]
 
+pub mod fake_istiod;
 pub mod fixtures;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -237,6 +237,29 @@ impl DevCa {
         Ok(chain)
     }
 
+    /// Issues a TLS server certificate for a DNS name (e.g. a test istiod's serving certificate).
+    pub fn issue_server(
+        &self,
+        dns: &str,
+        ttl: Duration,
+    ) -> Result<(PrivateKeyPem, String), DevCaError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| DevCaError::Sign(e.to_string()))?;
+        let mut p = CertificateParams::new(vec![dns.to_string()])
+            .map_err(|e| DevCaError::Sign(e.to_string()))?;
+        p.distinguished_name = DistinguishedName::new();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.not_before = (SystemTime::now() - Duration::from_secs(120)).into();
+        p.not_after = (SystemTime::now() + ttl).into();
+        p.serial_number = Some(serial());
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| DevCaError::Sign(e.to_string()))?;
+        let mut chain = cert.pem();
+        chain.push_str(&self.chain_above.concat());
+        Ok((PrivateKeyPem::new(key.serialize_pem()), chain))
+    }
+
     /// Issues a key and certificate for a test party (e.g. a Linux sidecar in tests and the demo).
     pub fn issue(
         &self,

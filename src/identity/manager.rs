@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use super::csr;
 use super::istiod::{CaBackend, CaError, SignRequest};
-use super::rotation::{Backoff, Retry, refresh_at};
+use super::rotation::{Backoff, Retry, schedule};
 use super::verify::verify_chain;
 use super::{CertBundle, SecretSet, SpiffeId};
 use crate::metrics::Metrics;
@@ -349,9 +349,10 @@ async fn run(inner: Arc<Inner>, spec: IdentitySpec) {
             Ok(bundle) => {
                 backoff.reset();
                 let bundle = Arc::new(bundle);
-                let at = refresh_at(
+                let at = schedule(
                     bundle.not_before(),
                     bundle.not_after(),
+                    inner.clock.now(),
                     rand::random::<f64>() * 2.0 - 1.0,
                 );
                 info!(identity = %id, serial = %bundle.leaf.serial, not_after = %ts(bundle.not_after()),

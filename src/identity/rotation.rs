@@ -18,6 +18,24 @@ pub fn refresh_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) ->
     }
 }
 
+/// When to renew, seen from `now` (the moment the certificate arrived). Normally `refresh_at`; but
+/// istiod backdates NotBefore by two minutes, so for very short lifetimes the half-life point can
+/// already be past. Renewing immediately would loop against the CA, so then renew at half of the
+/// remaining lifetime instead.
+pub fn schedule(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    jitter: f64,
+) -> SystemTime {
+    let at = refresh_at(not_before, not_after, jitter);
+    if at > now {
+        return at;
+    }
+    let remaining = not_after.duration_since(now).unwrap_or_default();
+    now + remaining / 2
+}
+
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(150);
 const BACKOFF_JITTER: f64 = 0.2;
@@ -88,6 +106,22 @@ mod tests {
         assert_eq!(refresh_at(nb, na, 7.0), refresh_at(nb, na, 1.0), "clamped");
         // A nonsensical certificate (NotAfter before NotBefore) renews immediately.
         assert_eq!(refresh_at(na, nb, 0.0), na);
+    }
+
+    #[test]
+    fn short_lived_certificates_do_not_renew_in_a_loop() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        // 24h certificate, backdated 2 min: the plain half-life rule applies.
+        let (nb, na) = (
+            now - Duration::from_secs(120),
+            now + Duration::from_secs(86_400),
+        );
+        assert_eq!(schedule(nb, na, now, 0.0), refresh_at(nb, na, 0.0));
+        // 4 s certificate, backdated 2 min: half-life is in the past; renew after 2 s instead.
+        let na = now + Duration::from_secs(4);
+        assert_eq!(schedule(nb, na, now, 0.0), now + Duration::from_secs(2));
+        // Already expired: renew now.
+        assert_eq!(schedule(nb, now - Duration::from_secs(1), now, 0.0), now);
     }
 
     #[test]

@@ -1,0 +1,93 @@
+//! The single owner of the [`SnapshotWriter`]: combines the latest mesh resources and certificates
+//! into one snapshot and publishes it. Bursts of changes are debounced.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::identity::SecretSet;
+use crate::metrics::Metrics;
+use crate::xds::{SnapshotBuilder, SnapshotWriter};
+
+/// Mesh resources (everything but secrets), already translated. `None` until the mesh sources synced.
+pub type MeshResources = Option<std::sync::Arc<Translated>>;
+
+/// Output of translation: Envoy resources plus the identities they present (which need certificates).
+#[derive(Debug, Default, Clone)]
+pub struct Translated {
+    pub listeners: Vec<envoy_types::pb::envoy::config::listener::v3::Listener>,
+    pub routes: Vec<envoy_types::pb::envoy::config::route::v3::RouteConfiguration>,
+    pub clusters: Vec<envoy_types::pb::envoy::config::cluster::v3::Cluster>,
+    pub endpoints: Vec<envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>,
+}
+
+/// Builds the snapshot for the current inputs. Rejected resources are logged and counted; the rest ship.
+pub fn build(
+    mesh: &Translated,
+    secrets: &SecretSet,
+    metrics: &Metrics,
+) -> crate::xds::ResourceSnapshot {
+    let mut b = SnapshotBuilder::new();
+    let mut errors = Vec::new();
+    errors.extend(b.add_all(mesh.clusters.iter()));
+    errors.extend(b.add_all(mesh.endpoints.iter()));
+    errors.extend(b.add_all(mesh.listeners.iter()));
+    errors.extend(b.add_all(mesh.routes.iter()));
+    errors.extend(b.add_all(crate::translate::secret::secrets(secrets).iter()));
+    for e in errors {
+        warn!(error = %e, "resource skipped");
+        metrics.inc(
+            "winmesh_resources_rejected_total",
+            "Generated resources skipped because they were invalid.",
+            &[],
+            1.0,
+        );
+    }
+    b.build()
+}
+
+/// Publishes whenever the mesh or the secrets change, until `shutdown`. Waits for the mesh to be
+/// synced (`Some`) before the first publish, so a restart never serves an empty config.
+pub async fn run(
+    mut writer: SnapshotWriter,
+    mut mesh: watch::Receiver<MeshResources>,
+    mut secrets: watch::Receiver<SecretSet>,
+    metrics: std::sync::Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let current = mesh.borrow_and_update().clone();
+        let set = secrets.borrow_and_update().clone();
+        if let Some(m) = current {
+            let snap = build(&m, &set, &metrics);
+            let counts: Vec<(crate::xds::TypeUrl, usize)> = crate::xds::TypeUrl::PUSH_ORDER
+                .iter()
+                .map(|t| (*t, snap.resources(*t).len()))
+                .collect();
+            let snap = writer.publish(snap);
+            for (t, n) in counts {
+                metrics.set(
+                    "winmesh_snapshot_resources",
+                    "Resources in the published snapshot.",
+                    &[("type", t.short())],
+                    n as f64,
+                );
+            }
+            metrics.inc(
+                "winmesh_snapshot_publishes_total",
+                "Snapshots published.",
+                &[],
+                1.0,
+            );
+            debug!(generation = snap.generation(), "snapshot published");
+        }
+        tokio::select! {
+            r = mesh.changed() => if r.is_err() { return; },
+            r = secrets.changed() => if r.is_err() { return; },
+            _ = shutdown.changed() => return,
+        }
+        // Debounce: let a burst of changes settle into one push.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
