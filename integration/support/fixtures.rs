@@ -149,3 +149,93 @@ pub fn mesh(route_cluster: &str, clusters: &[(&str, &[SocketAddr])]) -> Resource
     }
     b.build()
 }
+
+/// An HTTPS (mTLS) listener presenting SDS secret `cert` and validating clients against `ROOTCA`,
+/// answering every request with `body` directly.
+pub fn mtls_listener(
+    name: &str,
+    cert: &str,
+    via: winmesh::config::SecretsVia,
+    body: &str,
+) -> Listener {
+    use envoy_types::pb::envoy::config::core::v3::TransportSocket;
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType as TsConfig;
+    use envoy_types::pb::envoy::config::route::v3::DirectResponseAction;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+        common_tls_context::ValidationContextType,
+    };
+    let sds = |n: &str| SdsSecretConfig {
+        name: n.into(),
+        sds_config: Some(winmesh::bootstrap::secret_config_source(via)),
+    };
+    let tls = DownstreamTlsContext {
+        require_client_certificate: Some(envoy_types::pb::google::protobuf::BoolValue {
+            value: true,
+        }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![sds(cert)],
+            validation_context_type: Some(ValidationContextType::ValidationContextSdsSecretConfig(
+                sds(winmesh::translate::secret::ROOTCA),
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let route = RouteConfiguration {
+        name: format!("{name}-route"),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::DirectResponse(DirectResponseAction {
+                    status: 200,
+                    body: Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+                        specifier: Some(
+                            envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
+                                body.into(),
+                            ),
+                        ),
+                        watched_directory: None,
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: name.into(),
+        route_specifier: Some(RouteSpecifier::RouteConfig(route)),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: name.into(),
+        address: Some(addr("127.0.0.1", 0)),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }],
+            transport_socket: Some(TransportSocket {
+                name: "envoy.transport_sockets.tls".into(),
+                config_type: Some(TsConfig::TypedConfig(pack_any(tls))),
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

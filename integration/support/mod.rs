@@ -56,6 +56,7 @@ macro_rules! require_envoy {
 }
 
 pub fn init_tracing() {
+    tls::install_provider();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
@@ -102,6 +103,7 @@ impl Envoy {
     /// Starts Envoy with `bootstrap_yaml` (its admin address is replaced by 127.0.0.1:0 and discovered
     /// through `--admin-address-path`).
     pub async fn start(bin: &Path, bootstrap_yaml: &str) -> Envoy {
+        tls::install_provider();
         let dir = tempfile::tempdir().expect("tempdir");
         let mut boot: Value = serde_yaml::from_str(bootstrap_yaml).expect("bootstrap yaml");
         boot["admin"] = serde_json::json!({"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}});
@@ -293,6 +295,7 @@ impl Backend {
                 let n = n.clone();
                 async move { n }
             });
+        tls::install_provider();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -326,6 +329,7 @@ impl Traffic {
         accept: Arc<std::sync::Mutex<Vec<String>>>,
         workers: usize,
     ) -> Traffic {
+        tls::install_provider();
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -405,6 +409,7 @@ impl Traffic {
 }
 
 pub async fn get_text(url: &str) -> Option<(u16, String)> {
+    tls::install_provider();
     let r = reqwest::Client::new()
         .get(url)
         .timeout(Duration::from_secs(5))
