@@ -35,7 +35,7 @@ unit:
 
 integration: envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
-	  $(CARGO) test --tests -- --test-threads 2
+	  $(CARGO) test --test '*' -- --test-threads 2
 
 windows:
 	$(CARGO) build --release --target $(WINDOWS_TARGET)

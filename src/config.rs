@@ -25,6 +25,54 @@ pub struct Config {
     /// Where certificates come from: `dev` (embedded CA) or `istiod`. Absent: no certificates.
     #[serde(deserialize_with = "de_ca", default)]
     pub ca: Option<CaConfig>,
+    /// Where the mesh model comes from.
+    pub mesh: MeshConfig,
+    /// The gateway's listeners.
+    pub gateway: GatewayConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshConfig {
+    /// Mesh file (docs/mesh-file.md), watched and reloaded on change. Relative to this config file.
+    pub file: Option<PathBuf>,
+    /// How often the mesh file is checked for changes.
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
+    /// Kubernetes cluster domain (`<name>.<ns>.svc.<domain_suffix>`).
+    pub domain_suffix: String,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            file: None,
+            poll_interval: Duration::from_secs(1),
+            domain_suffix: "cluster.local".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Address of the mesh-facing (Istio mTLS, always STRICT) listeners; reachable by Linux pods.
+    pub inbound_address: IpAddr,
+    /// Address of the Windows-facing listeners (HTTP proxy and local TCP ports). These are plaintext:
+    /// keep them on loopback or restrict them with NetworkPolicy.
+    pub outbound_address: IpAddr,
+    /// Port of the Windows-facing HTTP listener.
+    pub outbound_port: u16,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            inbound_address: IpAddr::from([0, 0, 0, 0]),
+            outbound_address: IpAddr::from([127, 0, 0, 1]),
+            outbound_port: 15001,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -289,7 +337,37 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
+    /// Makes relative paths relative to `base` (the config file's directory).
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(p) = self.mesh.file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.xds.token_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.debug.token_file.as_mut() {
+            fix(p);
+        }
+        if let Some(p) = self.identity.token_file.as_mut() {
+            fix(p);
+        }
+        for x in &mut self.identity.extra {
+            if let Some(p) = x.token_file.as_mut() {
+                fix(p);
+            }
+        }
+        if let Some(ca) = self.ca.as_mut() {
+            fix(&mut ca.state_dir);
+            fix(&mut ca.root_cert_file);
+        }
+    }
+
+    /// Reads, parses and validates a config file. Relative paths in it are relative to its directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -298,11 +376,21 @@ impl Config {
             message: format!("cannot read: {e}"),
             line: None,
         })?;
-        Config::parse(&text, &file)
+        let mut cfg = Config::parse_unvalidated(&text, &file)?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve_paths(&base);
+        cfg.validate(&file)?;
+        Ok(cfg)
     }
 
     /// Parses and validates YAML text; `file` is only used in error messages.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let cfg = Config::parse_unvalidated(text, file)?;
+        cfg.validate(file)?;
+        Ok(cfg)
+    }
+
+    fn parse_unvalidated(text: &str, file: &str) -> Result<Config, ConfigError> {
         let cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
@@ -324,7 +412,6 @@ impl Config {
                 }
             })?
         };
-        cfg.validate(file)?;
         Ok(cfg)
     }
 
@@ -414,6 +501,26 @@ impl Config {
                     format!("{:?} must be host:port", ca.address),
                 ));
             }
+        }
+        if self.gateway.outbound_port == 0 {
+            return Err(err("gateway.outbound_port", "must be 1-65535".into()));
+        }
+        if self.mesh.poll_interval < Duration::from_millis(50) {
+            return Err(err("mesh.poll_interval", "must be at least 50ms".into()));
+        }
+        if self.mesh.domain_suffix.is_empty()
+            || self.mesh.domain_suffix.starts_with('.')
+            || self.mesh.domain_suffix.ends_with('.')
+        {
+            return Err(err(
+                "mesh.domain_suffix",
+                format!("{:?} is not a DNS suffix", self.mesh.domain_suffix),
+            ));
+        }
+        if let Some(f) = &self.mesh.file
+            && !f.is_file()
+        {
+            return Err(err("mesh.file", format!("{} does not exist", f.display())));
         }
         for (field, path) in [
             ("xds.token_file", &self.xds.token_file),

@@ -7,13 +7,17 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::assemble::{self, MeshResources, Translated};
+use crate::assemble::{self, MeshResources};
 use crate::config::{CaMode, Config};
+use crate::discovery::MeshState;
+use crate::discovery::file::{FileSettings, FileSource};
 use crate::identity::dev_ca::DevCa;
 use crate::identity::istiod::{CaBackend, IstiodCa};
 use crate::identity::manager::Clock;
 use crate::identity::{IdentityManager, IdentitySpec, SecretSet, SpiffeId};
 use crate::metrics::Metrics;
+use crate::model::GatewaySettings;
+use crate::translate::{Ctx, translate};
 
 /// Builds the CA backend the config asks for.
 pub fn ca_backend(cfg: &Config) -> anyhow::Result<Option<Arc<dyn CaBackend>>> {
@@ -66,9 +70,91 @@ pub fn start_identity(
     Ok((m, rx))
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// A fully running winmesh: servers, identity manager, mesh source and translation.
+pub struct Server {
+    pub running: crate::app::Running,
+    pub identity: Option<Arc<IdentityManager>>,
+    pub mesh_state: watch::Receiver<MeshState>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Server {
+    pub async fn stop(self) {
+        drop(self.identity);
+        let Server { running, tasks, .. } = self;
+        running.stop().await;
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+/// Keeps the translated resources and the identity set in line with the mesh state.
+#[allow(clippy::too_many_arguments)]
+async fn translate_loop(
+    mut states: watch::Receiver<MeshState>,
+    ctx: Ctx,
+    mesh_tx: watch::Sender<MeshResources>,
+    identity: Option<Arc<IdentityManager>>,
+    config_extra: Vec<IdentitySpec>,
+    registry: Arc<std::sync::RwLock<serde_json::Value>>,
+    readiness: Arc<crate::debug::Readiness>,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        let st = states.borrow_and_update().clone();
+        if let Some(mesh) = &st.mesh {
+            let (translated, warnings) = translate(mesh, &ctx);
+            metrics.set(
+                "winmesh_translation_warnings",
+                "Things left out of the generated config.",
+                &[],
+                warnings.len() as f64,
+            );
+            if let Some(m) = &identity {
+                let mut specs = config_extra.clone();
+                for id in mesh.identities() {
+                    if !specs.iter().any(|s| s.id == id) {
+                        specs.push(IdentitySpec {
+                            id,
+                            token_file: None,
+                        });
+                    }
+                }
+                m.set_identities(specs);
+            }
+            if let Ok(mut r) = registry.write() {
+                *r = serde_json::json!({
+                    "generation": st.generation,
+                    "updated": humantime::format_rfc3339_seconds(st.updated).to_string(),
+                    "error": st.error,
+                    "rejected": st.rejected,
+                    "translation_warnings": warnings,
+                    "mesh": mesh,
+                });
+            }
+            mesh_tx.send_replace(Some(Arc::new(translated)));
+            readiness.set("mesh", Ok(()));
+        } else if let Ok(mut r) = registry.write() {
+            *r = serde_json::json!({ "error": st.error, "mesh": null });
+        }
+        if let Some(e) = &st.error
+            && let Ok(mut r) = registry.write()
+        {
+            r["error"] = serde_json::json!(e);
+        }
+        if states.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts everything `winmesh serve` runs.
+pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let (running, writer) = crate::app::start(&cfg).await?;
     let metrics = running.metrics.clone();
+    let mut tasks = Vec::new();
 
     let (identity, secrets) = match ca_backend(&cfg)? {
         Some(ca) => {
@@ -90,7 +176,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .debug
             .add_view("certs", Arc::new(move || view_m.view()));
         let (readiness, m2, mut rx) = (running.readiness.clone(), m.clone(), secrets.clone());
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             loop {
                 if m2.is_ready() {
                     readiness.set("identity", Ok(()));
@@ -100,38 +186,113 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     return;
                 }
             }
-        });
+        }));
     }
 
-    // Mesh resources: none configured yet means an empty (but synced) mesh.
-    let (_mesh_tx, mesh_rx) =
-        watch::channel::<MeshResources>(Some(Arc::new(Translated::default())));
+    // Mesh: the file source (or an empty mesh) → translation → assembler.
+    running.readiness.register("mesh", "mesh not loaded yet");
+    let settings = FileSettings {
+        trust_domain: cfg.identity.trust_domain.clone(),
+        domain_suffix: cfg.mesh.domain_suffix.clone(),
+        gateway: GatewaySettings {
+            inbound_address: cfg.gateway.inbound_address,
+            outbound_address: cfg.gateway.outbound_address,
+            outbound_port: cfg.gateway.outbound_port,
+        },
+    };
+    let (state_tx, state_rx) = watch::channel(MeshState::default());
+    match &cfg.mesh.file {
+        Some(path) => {
+            let src = FileSource {
+                path: path.clone(),
+                settings,
+                poll: cfg.mesh.poll_interval,
+                metrics: metrics.clone(),
+            };
+            tasks.push(tokio::spawn(src.run(state_tx, running.shutdown_signal())));
+        }
+        None => {
+            let mesh = crate::discovery::file::parse("", &settings)
+                .map_err(anyhow::Error::msg)?
+                .0;
+            state_tx.send_replace(MeshState {
+                mesh: Some(Arc::new(mesh)),
+                generation: 1,
+                ..Default::default()
+            });
+            tasks.push(tokio::spawn(async move {
+                // Keep the sender alive for the server's lifetime.
+                std::future::pending::<()>().await;
+                drop(state_tx);
+            }));
+        }
+    }
+    let ctx = Ctx {
+        secrets_via: cfg.xds.secrets,
+        default_identity: cfg.identity.spiffe_id()?,
+    };
+    let config_extra = cfg
+        .identity
+        .extra
+        .iter()
+        .map(|x| {
+            Ok(IdentitySpec {
+                id: SpiffeId::parse(&x.spiffe_id)?,
+                token_file: x.token_file.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, crate::identity::SpiffeIdError>>()?;
+    let registry = Arc::new(std::sync::RwLock::new(serde_json::json!({"mesh": null})));
+    let reg_view = registry.clone();
+    running.debug.add_view(
+        "registryz",
+        Arc::new(move || reg_view.read().map(|v| v.clone()).unwrap_or_default()),
+    );
+    let (mesh_tx, mesh_rx) = watch::channel::<MeshResources>(None);
+    tasks.push(tokio::spawn(translate_loop(
+        state_rx.clone(),
+        ctx,
+        mesh_tx,
+        identity.clone(),
+        config_extra,
+        registry,
+        running.readiness.clone(),
+        metrics.clone(),
+    )));
+
     running
         .readiness
         .register("config", "no snapshot published yet");
     let readiness = running.readiness.clone();
     let cache = running.cache.clone();
     let mut notify = cache.subscribe();
-    tokio::spawn(async move {
+    tasks.push(tokio::spawn(async move {
         while !cache.is_ready() {
             if notify.changed().await.is_err() {
                 return;
             }
         }
         readiness.set("config", Ok(()));
-    });
-    let assembler = tokio::spawn(assemble::run(
+    }));
+    tasks.push(tokio::spawn(assemble::run(
         writer,
         mesh_rx,
         secrets,
         metrics,
         running.shutdown_signal(),
-    ));
+    )));
+    Ok(Server {
+        running,
+        identity,
+        mesh_state: state_rx,
+        tasks,
+    })
+}
 
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let server = start(cfg).await?;
     crate::app::shutdown_signal().await;
     info!("shutting down");
-    drop(identity);
-    running.stop().await;
-    let _ = assembler.await;
+    server.stop().await;
     Ok(())
 }

@@ -1,0 +1,419 @@
+//! The mesh as plain data: Linux mesh services and their endpoints (as Istio sees them), Windows
+//! services exposed through the gateway, PeerAuthentication and AuthorizationPolicy. No kube, no
+//! protobuf, no tokio: discovery sources (the mesh file now, Kubernetes next) produce a [`Mesh`], and
+//! `translate` turns it into Envoy resources.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use crate::identity::SpiffeId;
+
+/// A service port's protocol, by Istio's rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    Http,
+    Http2,
+    Grpc,
+    GrpcWeb,
+    Tcp,
+    Tls,
+    Https,
+    Mongo,
+    Redis,
+    Mysql,
+    Udp,
+    /// Not declared: Istio sniffs it; winmesh treats it as HTTP/1.1 when it arrives over HTTP and as
+    /// TCP on a local TCP port.
+    Unsupported,
+}
+
+impl Protocol {
+    /// Istio's rule: `appProtocol` first (`kubernetes.io/h2c` → HTTP2), else the port name's prefix
+    /// before the first `-`.
+    pub fn detect(port_name: &str, app_protocol: Option<&str>) -> Protocol {
+        if let Some(ap) = app_protocol {
+            match ap.to_ascii_lowercase().as_str() {
+                "kubernetes.io/h2c" => return Protocol::Http2,
+                "kubernetes.io/ws" | "kubernetes.io/wss" => return Protocol::Http,
+                other => {
+                    let p = Self::from_name(other);
+                    if p != Protocol::Unsupported {
+                        return p;
+                    }
+                }
+            }
+        }
+        let prefix = port_name.split('-').next().unwrap_or("");
+        Self::from_name(&prefix.to_ascii_lowercase())
+    }
+
+    fn from_name(s: &str) -> Protocol {
+        match s {
+            "http" => Protocol::Http,
+            "http2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "grpc-web" => Protocol::GrpcWeb,
+            "tcp" => Protocol::Tcp,
+            "tls" => Protocol::Tls,
+            "https" => Protocol::Https,
+            "mongo" => Protocol::Mongo,
+            "redis" => Protocol::Redis,
+            "mysql" => Protocol::Mysql,
+            "udp" => Protocol::Udp,
+            _ => Protocol::Unsupported,
+        }
+    }
+
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc | Protocol::GrpcWeb
+        )
+    }
+
+    /// Upstream speaks HTTP/2 (h2c inside the node, `h2` ALPN over mTLS).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+
+    pub fn is_tcp(self) -> bool {
+        matches!(
+            self,
+            Protocol::Tcp
+                | Protocol::Tls
+                | Protocol::Https
+                | Protocol::Mongo
+                | Protocol::Redis
+                | Protocol::Mysql
+        )
+    }
+
+    /// The fixed ALPN a stock Envoy offers to an Istio sidecar for this protocol (Istio's client picks it
+    /// per request with a filter stock Envoy lacks). Never `istio-peer-exchange`.
+    pub fn istio_client_alpn(self) -> &'static [&'static str] {
+        if self.is_http2() {
+            &["istio-h2", "istio", "h2"]
+        } else if self.is_tcp() {
+            &["istio"]
+        } else {
+            &["istio-http/1.1", "istio", "http/1.1"]
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// Port on the endpoints (Kubernetes targetPort); defaults to `port`.
+    pub target_port: u16,
+    /// Optional loopback TCP port on the gateway that forwards to this port (TCP services, or any
+    /// service a Windows app wants to reach without an HTTP proxy).
+    pub local_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The endpoint runs an Istio sidecar (label `security.istio.io/tlsMode: istio`).
+    Istio,
+    /// No sidecar: plaintext.
+    Disabled,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    /// Port per service port name; missing names use the port's `target_port`.
+    pub ports: BTreeMap<String, u16>,
+    pub service_account: Option<String>,
+    pub tls_mode: TlsMode,
+    pub node: Option<String>,
+    pub ready: bool,
+}
+
+/// A mesh service (typically on Linux, behind Istio sidecars).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    /// `<name>.<namespace>.svc.<domain>`.
+    pub host: String,
+    pub ports: Vec<ServicePort>,
+    /// Service accounts named on the Service (Istio's `alpha.istio.io/kubernetes-serviceaccounts` and
+    /// `canonical-serviceaccounts` annotations), in addition to the endpoints' accounts.
+    pub extra_service_accounts: Vec<String>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// SPIFFE IDs a client must accept from this service's endpoints (Istio's SAN list).
+    pub fn expected_sans(&self, trust_domain: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| e.service_account.clone())
+            .chain(self.extra_service_accounts.iter().cloned())
+            .map(|sa| {
+                if sa.starts_with("spiffe://") {
+                    sa
+                } else {
+                    format!("spiffe://{trust_domain}/ns/{}/sa/{sa}", self.namespace)
+                }
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// A port a Windows service is reachable on from the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowsPort {
+    pub name: String,
+    /// The service port Linux clients use (it appears in their SNI).
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The gateway listener port (the Kubernetes targetPort pointing at the gateway); defaults to `port`.
+    pub gateway_port: u16,
+    /// The Windows app's port on its backends; defaults to `port`.
+    pub target_port: u16,
+}
+
+/// A Windows service exposed to the mesh through the gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowsService {
+    pub name: String,
+    pub namespace: String,
+    /// The mesh-facing host name Linux clients use.
+    pub host: String,
+    pub ports: Vec<WindowsPort>,
+    /// Windows backend addresses (plain HTTP/TCP inside the node).
+    pub backends: Vec<IpAddr>,
+    /// Identity the gateway presents for this service; `None` = the gateway's own (`default`).
+    pub identity: Option<SpiffeId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Strict,
+    Permissive,
+    Disable,
+}
+
+/// PeerAuthentication for a namespace (optionally per port).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PeerAuthentication {
+    pub namespace: String,
+    pub mode: MtlsMode,
+    pub port_modes: BTreeMap<u16, MtlsMode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub principals: Vec<String>,
+    pub not_principals: Vec<String>,
+    pub namespaces: Vec<String>,
+    pub not_namespaces: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Operation {
+    pub methods: Vec<String>,
+    pub not_methods: Vec<String>,
+    pub paths: Vec<String>,
+    pub not_paths: Vec<String>,
+    pub ports: Vec<u16>,
+    pub not_ports: Vec<u16>,
+}
+
+impl Operation {
+    pub fn has_http_fields(&self) -> bool {
+        !(self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+}
+
+/// A rule matches when any `from` source and any `to` operation match (empty = any).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AuthorizationPolicy {
+    pub name: String,
+    pub namespace: String,
+    /// Windows service names in `namespace` it applies to; empty = every Windows service there.
+    pub services: Vec<String>,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+}
+
+/// Gateway listener addresses.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GatewaySettings {
+    /// Address the mesh-facing (inbound) listeners bind.
+    pub inbound_address: IpAddr,
+    /// Address of the Windows-facing listeners (HTTP proxy and local TCP ports).
+    pub outbound_address: IpAddr,
+    /// Port of the Windows-facing HTTP listener.
+    pub outbound_port: u16,
+}
+
+/// The whole mesh as winmesh serves it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Mesh {
+    pub trust_domain: String,
+    pub gateway: GatewaySettings,
+    pub services: Vec<Service>,
+    pub windows_services: Vec<WindowsService>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
+}
+
+impl Mesh {
+    /// How a client sends to `namespace`:`port`, by the destination's PeerAuthentication. Only DISABLE
+    /// makes clients send plaintext; STRICT and PERMISSIVE leave it to the endpoint's tlsMode.
+    pub fn client_sends_plaintext(&self, namespace: &str, port: u16) -> bool {
+        self.peer_authentications
+            .iter()
+            .find(|p| p.namespace == namespace)
+            .map(|p| p.port_modes.get(&port).copied().unwrap_or(p.mode) == MtlsMode::Disable)
+            .unwrap_or(false)
+    }
+
+    /// Policies that apply to a Windows service.
+    pub fn policies_for<'a>(
+        &'a self,
+        svc: &'a WindowsService,
+    ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
+        self.authorization_policies.iter().filter(move |p| {
+            p.namespace == svc.namespace
+                && (p.services.is_empty() || p.services.contains(&svc.name))
+        })
+    }
+
+    /// Identities the gateway must hold certificates for (besides its own).
+    pub fn identities(&self) -> Vec<SpiffeId> {
+        let mut v: Vec<SpiffeId> = self
+            .windows_services
+            .iter()
+            .filter_map(|w| w.identity.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_by_istio_rules() {
+        assert_eq!(Protocol::detect("http", None), Protocol::Http);
+        assert_eq!(Protocol::detect("http-web", None), Protocol::Http);
+        assert_eq!(Protocol::detect("grpc-api", None), Protocol::Grpc);
+        assert_eq!(
+            Protocol::detect("grpc-web", None),
+            Protocol::Grpc,
+            "prefix before the first '-'"
+        );
+        assert_eq!(Protocol::detect("tcp-db", None), Protocol::Tcp);
+        assert_eq!(Protocol::detect("web", None), Protocol::Unsupported);
+        assert_eq!(Protocol::detect("HTTP2", None), Protocol::Http2);
+        assert_eq!(
+            Protocol::detect("web", Some("kubernetes.io/h2c")),
+            Protocol::Http2
+        );
+        assert_eq!(
+            Protocol::detect("tcp", Some("http")),
+            Protocol::Http,
+            "appProtocol wins"
+        );
+        assert_eq!(
+            Protocol::detect("http", Some("grpc-web")),
+            Protocol::GrpcWeb
+        );
+        assert_eq!(
+            Protocol::detect("http", Some("custom.io/thing")),
+            Protocol::Http
+        );
+    }
+
+    #[test]
+    fn fixed_alpn_per_protocol_never_offers_peer_exchange() {
+        assert_eq!(
+            Protocol::Http.istio_client_alpn(),
+            ["istio-http/1.1", "istio", "http/1.1"]
+        );
+        assert_eq!(
+            Protocol::Grpc.istio_client_alpn(),
+            ["istio-h2", "istio", "h2"]
+        );
+        assert_eq!(
+            Protocol::Http2.istio_client_alpn(),
+            ["istio-h2", "istio", "h2"]
+        );
+        assert_eq!(Protocol::Tcp.istio_client_alpn(), ["istio"]);
+        assert_eq!(
+            Protocol::Unsupported.istio_client_alpn(),
+            ["istio-http/1.1", "istio", "http/1.1"]
+        );
+        for p in [
+            Protocol::Http,
+            Protocol::Grpc,
+            Protocol::Tcp,
+            Protocol::Mysql,
+            Protocol::Unsupported,
+        ] {
+            assert!(!p.istio_client_alpn().contains(&"istio-peer-exchange"));
+        }
+    }
+
+    #[test]
+    fn expected_sans_combine_endpoints_and_annotations() {
+        let ep = |sa: &str| Endpoint {
+            address: "10.0.0.1".parse().unwrap(),
+            ports: Default::default(),
+            service_account: Some(sa.into()),
+            tls_mode: TlsMode::Istio,
+            node: None,
+            ready: true,
+        };
+        let s = Service {
+            name: "r".into(),
+            namespace: "default".into(),
+            host: "r.default.svc.cluster.local".into(),
+            ports: vec![],
+            extra_service_accounts: vec!["spiffe://cluster.local/ns/other/sa/x".into(), "b".into()],
+            endpoints: vec![ep("a"), ep("b"), ep("a")],
+        };
+        assert_eq!(
+            s.expected_sans("cluster.local"),
+            vec![
+                "spiffe://cluster.local/ns/default/sa/a",
+                "spiffe://cluster.local/ns/default/sa/b",
+                "spiffe://cluster.local/ns/other/sa/x"
+            ]
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Linux → Windows: the gateway terminates Istio mTLS and forwards to Windows backends.
+//!
+//! One listener per gateway port. Each Windows service on that port gets a filter chain selected by the
+//! SNI Istio clients send (`outbound_.<port>_._.<host>`), so one port serves many services, each with its
+//! own certificate if configured. The chain requires a client certificate chaining to `ROOTCA` with a URI
+//! SAN in the trust domain, offers ALPN `h2`, `http/1.1` (never `istio-peer-exchange`), and for HTTP runs
+//! an HCM that strips Istio's peer-metadata headers, sets XFCC to the caller's SPIFFE ID, applies
+//! AuthorizationPolicy, and routes to `inbound|<port>||<host>` (plain HTTP to the Windows backends). There
+//! is no default chain: unknown SNI and plaintext are refused, never forwarded.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager,
+    http_connection_manager::{
+        CodecType, ForwardClientCertDetails, RouteSpecifier, SetCurrentClientCertDetails,
+    },
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy::ClusterSpecifier,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
+use envoy_types::pb::google::protobuf::BoolValue;
+
+use super::Ctx;
+use super::common::*;
+use super::rbac;
+use crate::assemble::Translated;
+use crate::model::{Mesh, WindowsPort, WindowsService};
+
+/// Headers Istio clients add for telemetry; never forwarded to Windows apps.
+pub const PEER_METADATA_HEADERS: [&str; 2] = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"];
+
+pub fn listener_name(port: u16) -> String {
+    format!("winmesh_inbound_{port}")
+}
+
+fn http_chain_filters(
+    mesh: &Mesh,
+    svc: &WindowsService,
+    p: &WindowsPort,
+    cluster: &str,
+) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
+    let policies: Vec<_> = mesh.policies_for(svc).collect();
+    let map_port = |port: u16| -> u32 {
+        u32::from(
+            svc.ports
+                .iter()
+                .find(|x| x.port == port)
+                .map(|x| x.gateway_port)
+                .unwrap_or(port),
+        )
+    };
+    let mut http_filters = rbac::http_filters(&policies, &map_port);
+    http_filters.push(router());
+    let route_config = RouteConfiguration {
+        name: cluster.to_string(),
+        request_headers_to_remove: PEER_METADATA_HEADERS
+            .iter()
+            .map(|h| h.to_string())
+            .collect(),
+        virtual_hosts: vec![VirtualHost {
+            name: cluster.to_string(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "default".into(),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster.into(),
+                    )),
+                    timeout: duration(0),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    };
+    let hcm = HttpConnectionManager {
+        stat_prefix: cluster.to_string(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
+        http_filters,
+        // Replace any XFCC the caller sent with the verified client identity.
+        forward_client_cert_details: ForwardClientCertDetails::SanitizeSet as i32,
+        set_current_client_cert_details: Some(SetCurrentClientCertDetails {
+            uri: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let _ = p;
+    vec![network_filter(
+        "envoy.filters.network.http_connection_manager",
+        hcm,
+    )]
+}
+
+fn tcp_chain_filters(
+    mesh: &Mesh,
+    svc: &WindowsService,
+    cluster: &str,
+) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
+    let policies: Vec<_> = mesh.policies_for(svc).collect();
+    let map_port = |port: u16| -> u32 {
+        u32::from(
+            svc.ports
+                .iter()
+                .find(|x| x.port == port)
+                .map(|x| x.gateway_port)
+                .unwrap_or(port),
+        )
+    };
+    let mut filters = rbac::network_filters(&policies, cluster, &map_port);
+    filters.push(network_filter(
+        "envoy.filters.network.tcp_proxy",
+        TcpProxy {
+            stat_prefix: cluster.into(),
+            cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        },
+    ));
+    filters
+}
+
+pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated) {
+    // gateway port → chains
+    let mut by_port: BTreeMap<u16, Vec<FilterChain>> = BTreeMap::new();
+    for svc in &mesh.windows_services {
+        let cert = ctx.sds_name_for(svc.identity.as_ref());
+        for p in &svc.ports {
+            let cluster = inbound_cluster_name(p.port, &svc.host);
+            let http = !p.protocol.is_tcp();
+            let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { &[] };
+            let tls = DownstreamTlsContext {
+                require_client_certificate: Some(BoolValue { value: true }),
+                common_tls_context: Some(common_tls(
+                    &cert,
+                    vec![uri_san(prefix(&format!("spiffe://{}/", mesh.trust_domain)))],
+                    alpn,
+                    ctx.secrets_via,
+                )),
+                ..Default::default()
+            };
+            let filters = if http {
+                http_chain_filters(mesh, svc, p, &cluster)
+            } else {
+                tcp_chain_filters(mesh, svc, &cluster)
+            };
+            by_port
+                .entry(p.gateway_port)
+                .or_default()
+                .push(FilterChain {
+                    name: cluster.clone(),
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: vec![istio_sni(p.port, &svc.host)],
+                        transport_protocol: "tls".into(),
+                        ..Default::default()
+                    }),
+                    filters,
+                    transport_socket: Some(transport_socket("envoy.transport_sockets.tls", tls)),
+                    ..Default::default()
+                });
+            // HTTP/2 to the Windows app for HTTP/2 and gRPC ports (h2c inside the node).
+            out.clusters
+                .push(eds_cluster(&cluster, p.protocol.is_http2()));
+            let eps: Vec<Ep> = svc
+                .backends
+                .iter()
+                .map(|ip| Ep {
+                    ip: *ip,
+                    port: p.target_port,
+                    tls_mode_istio: false,
+                })
+                .collect();
+            out.endpoints.push(cla(&cluster, &eps));
+        }
+    }
+    for (port, chains) in by_port {
+        out.listeners.push(Listener {
+            name: listener_name(port),
+            address: Some(socket_address(mesh.gateway.inbound_address, port)),
+            listener_filters: vec![tls_inspector()],
+            filter_chains: chains,
+            ..Default::default()
+        });
+    }
+}

@@ -1,0 +1,255 @@
+//! Windows → Linux: the gateway originates Istio mTLS exactly like a sidecar client.
+//!
+//! Windows apps use one HTTP listener (as their HTTP proxy, or addressed directly with the service's
+//! Host header). Virtual hosts carry Istio-style domains (`name`, `name.ns`, `name.ns.svc`, the FQDN, each
+//! also with `:port`) and route to `outbound|<port>||<fqdn>` EDS clusters. Endpoints carry `tlsMode`
+//! metadata and clusters use `transport_socket_matches`, as Istio's auto-mTLS does: `tlsMode: istio`
+//! endpoints get Istio mTLS (SNI `outbound_.<port>_._.<fqdn>`, a fixed ALPN per protocol, the gateway
+//! certificate, `ROOTCA` + the exact SANs of the destination's service accounts); others get plaintext.
+//! A destination namespace with PeerAuthentication DISABLE gets plaintext. TCP services can have a local
+//! TCP port.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, retry_policy,
+    route, route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, Rds,
+    http_connection_manager::{CodecType, RouteSpecifier},
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy::ClusterSpecifier,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+use envoy_types::pb::google::protobuf::{BoolValue, Struct, UInt32Value, Value, value::Kind};
+use tracing::warn;
+
+use super::Ctx;
+use super::common::*;
+use crate::assemble::Translated;
+use crate::bootstrap::ads_config_source;
+use crate::model::{Mesh, Service, ServicePort, TlsMode};
+
+pub const HTTP_LISTENER: &str = "winmesh_outbound_http";
+pub const HTTP_ROUTE: &str = "winmesh_outbound_http";
+
+pub fn tcp_listener_name(local_port: u16) -> String {
+    format!("winmesh_outbound_tcp_{local_port}")
+}
+
+fn mtls_socket_match(
+    svc: &Service,
+    p: &ServicePort,
+    mesh: &Mesh,
+    ctx: &Ctx,
+) -> TransportSocketMatch {
+    let sans = svc
+        .expected_sans(&mesh.trust_domain)
+        .iter()
+        .map(|s| uri_san(exact(s)))
+        .collect();
+    let tls = UpstreamTlsContext {
+        sni: istio_sni(p.port, &svc.host),
+        common_tls_context: Some(common_tls(
+            super::secret::DEFAULT,
+            sans,
+            p.protocol.istio_client_alpn(),
+            ctx.secrets_via,
+        )),
+        ..Default::default()
+    };
+    TransportSocketMatch {
+        name: "tlsMode-istio".into(),
+        r#match: Some(Struct {
+            fields: [(
+                "tlsMode".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue("istio".into())),
+                },
+            )]
+            .into(),
+        }),
+        transport_socket: Some(transport_socket("envoy.transport_sockets.tls", tls)),
+        ..Default::default()
+    }
+}
+
+fn cluster_for(
+    svc: &Service,
+    p: &ServicePort,
+    mesh: &Mesh,
+    ctx: &Ctx,
+    out: &mut Translated,
+) -> String {
+    let name = outbound_cluster_name(p.port, &svc.host);
+    let mut c = eds_cluster(&name, p.protocol.is_http2());
+    let plaintext = mesh.client_sends_plaintext(&svc.namespace, p.port);
+    if !plaintext {
+        c.transport_socket_matches = vec![
+            mtls_socket_match(svc, p, mesh, ctx),
+            TransportSocketMatch {
+                name: "tlsMode-disabled".into(),
+                r#match: Some(Struct::default()),
+                transport_socket: Some(raw_buffer()),
+                ..Default::default()
+            },
+        ];
+    }
+    out.clusters.push(c);
+    let eps: Vec<Ep> = svc
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .map(|e| Ep {
+            ip: e.address,
+            port: e.ports.get(&p.name).copied().unwrap_or(p.target_port),
+            tls_mode_istio: !plaintext && e.tls_mode == TlsMode::Istio,
+        })
+        .collect();
+    out.endpoints.push(cla(&name, &eps));
+    name
+}
+
+/// Istio's default retry policy for outbound HTTP routes.
+fn istio_retry() -> RetryPolicy {
+    RetryPolicy {
+        retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                envoy_types::util::pack_any(
+                    envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+                ),
+            )),
+        }],
+        host_selection_retry_max_attempts: 5,
+        retriable_status_codes: vec![503],
+        ..Default::default()
+    }
+}
+
+pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Vec<String>) {
+    // Short names (`name`, `name:port`) only where unambiguous across namespaces.
+    let mut name_count: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in &mesh.services {
+        *name_count.entry(s.name.as_str()).or_default() += 1;
+    }
+    let mut used: BTreeSet<String> = BTreeSet::new();
+    let mut vhosts = Vec::new();
+    for svc in &mesh.services {
+        let http_ports: Vec<&ServicePort> =
+            svc.ports.iter().filter(|p| !p.protocol.is_tcp()).collect();
+        // Port-less names go to port 80 if the service has it, else to its lowest HTTP port.
+        let bare_port = http_ports
+            .iter()
+            .find(|p| p.port == 80)
+            .or_else(|| http_ports.iter().min_by_key(|p| p.port))
+            .map(|p| p.port);
+        for p in &svc.ports {
+            let cluster = cluster_for(svc, p, mesh, ctx, out);
+            if let Some(lp) = p.local_port {
+                out.listeners.push(Listener {
+                    name: tcp_listener_name(lp),
+                    address: Some(socket_address(mesh.gateway.outbound_address, lp)),
+                    filter_chains: vec![FilterChain {
+                        filters: vec![network_filter(
+                            "envoy.filters.network.tcp_proxy",
+                            TcpProxy {
+                                stat_prefix: cluster.clone(),
+                                cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.clone())),
+                                ..Default::default()
+                            },
+                        )],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                });
+            }
+            if p.protocol.is_tcp() {
+                continue;
+            }
+            let mut names = vec![
+                svc.host.clone(),
+                format!("{}.{}.svc", svc.name, svc.namespace),
+                format!("{}.{}", svc.name, svc.namespace),
+            ];
+            if name_count.get(svc.name.as_str()) == Some(&1) {
+                names.push(svc.name.clone());
+            }
+            let mut domains: Vec<String> =
+                names.iter().map(|n| format!("{n}:{}", p.port)).collect();
+            if bare_port == Some(p.port) {
+                domains.extend(names.iter().cloned());
+            }
+            let before = domains.len();
+            domains.retain(|d| used.insert(d.clone()));
+            if domains.len() < before {
+                warnings.push(format!(
+                    "{}: some host names are already used by another service and were left out",
+                    cluster
+                ));
+            }
+            if domains.is_empty() {
+                continue;
+            }
+            vhosts.push(VirtualHost {
+                name: format!("{}:{}", svc.host, p.port),
+                domains,
+                routes: vec![Route {
+                    name: "default".into(),
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
+                        timeout: duration(0),
+                        retry_policy: Some(istio_retry()),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+    }
+    for w in warnings.iter() {
+        warn!("{w}");
+    }
+    out.routes.push(RouteConfiguration {
+        name: HTTP_ROUTE.into(),
+        virtual_hosts: vhosts,
+        validate_clusters: Some(BoolValue { value: false }),
+        ..Default::default()
+    });
+    let hcm = HttpConnectionManager {
+        stat_prefix: HTTP_LISTENER.into(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: HTTP_ROUTE.into(),
+        })),
+        http_filters: vec![router()],
+        ..Default::default()
+    };
+    out.listeners.push(Listener {
+        name: HTTP_LISTENER.into(),
+        address: Some(socket_address(
+            mesh.gateway.outbound_address,
+            mesh.gateway.outbound_port,
+        )),
+        filter_chains: vec![FilterChain {
+            filters: vec![network_filter(
+                "envoy.filters.network.http_connection_manager",
+                hcm,
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+}
