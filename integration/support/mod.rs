@@ -257,7 +257,7 @@ fn regex_escape(s: &str) -> String {
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
-    task: tokio::task::JoinHandle<()>,
+    pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Backend {
@@ -276,6 +276,10 @@ impl Backend {
         let n = name.to_string();
         let n2 = name.to_string();
         let app = axum::Router::new()
+            .route(
+                "/version",
+                get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
+            )
             .route(
                 "/headers",
                 get(move |h: axum::http::HeaderMap| async move {
@@ -406,6 +410,14 @@ impl Traffic {
             e,
         )
     }
+}
+
+/// A port that was free a moment ago (for configs that must name a port before anything binds it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 pub async fn get_text(url: &str) -> Option<(u16, String)> {

@@ -74,7 +74,6 @@ fn mtls_socket_match(
             .into(),
         }),
         transport_socket: Some(transport_socket("envoy.transport_sockets.tls", tls)),
-        ..Default::default()
     }
 }
 
@@ -95,7 +94,6 @@ fn cluster_for(
                 name: "tlsMode-disabled".into(),
                 r#match: Some(Struct::default()),
                 transport_socket: Some(raw_buffer()),
-                ..Default::default()
             },
         ];
     }

@@ -1,0 +1,770 @@
+//! End to end on loopback with real Envoys: a "Linux sidecar" configured as Istio configures one, the
+//! gateway Envoy driven by winmesh (mesh file, dev CA), a plain HTTP app standing in for the Windows
+//! service, and a plain HTTP app behind the Linux sidecar.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::tls::{MeshClient, SanCheck};
+use support::{Backend, Envoy, Traffic, free_port, wait_for};
+use winmesh::bootstrap::{BootstrapOptions, bootstrap_yaml};
+use winmesh::config::Config;
+use winmesh::identity::SpiffeId;
+use winmesh::identity::dev_ca::DevCa;
+use winmesh::sidecar::{Inbound, Outbound, PEER_EXCHANGE_MAGIC, Sidecar};
+
+const T: Duration = Duration::from_secs(30);
+const GW_ID: &str = "spiffe://cluster.local/ns/winmesh/sa/gw";
+const WIN_ID: &str = "spiffe://cluster.local/ns/win/sa/winapp";
+const LINUX_ID: &str = "spiffe://cluster.local/ns/linux/sa/linuxapp";
+const WIN_HOST: &str = "winapp.win.svc.cluster.local";
+
+struct World {
+    dir: tempfile::TempDir,
+    server: winmesh::serve::Server,
+    gateway: Envoy,
+    sidecar: Envoy,
+    /// Gateway mesh-facing port for winapp:8080.
+    gw_http: SocketAddr,
+    /// Gateway mesh-facing port for winapp-grpc:9090.
+    gw_grpc: SocketAddr,
+    /// Gateway Windows-facing HTTP listener.
+    gw_out: SocketAddr,
+    /// Gateway local TCP port for linuxapp-tcp.
+    gw_tcp: SocketAddr,
+    /// Sidecar listeners the Linux app uses to reach winapp (HTTP/1.1) and winapp-grpc (HTTP/2).
+    sc_to_win: SocketAddr,
+    sc_to_win_grpc: SocketAddr,
+    sc_inbound: SocketAddr,
+    ca: DevCa,
+    mesh_file: PathBuf,
+    win_b: Backend,
+    _apps: Vec<Backend>,
+    _trap: tokio::task::JoinHandle<()>,
+}
+
+fn mesh_yaml(
+    w_http: u16,
+    w_grpc: u16,
+    win: &Backend,
+    win_grpc: &Backend,
+    sc_in: u16,
+    tcp_local: u16,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+services:
+  - name: linuxapp
+    namespace: linux
+    ports:
+      - {{name: http, port: 8080}}
+      - {{name: grpc, port: 9090}}
+    endpoints:
+      - address: 127.0.0.1
+        ports: {{http: {sc_in}, grpc: {sc_in}}}
+        service_account: linuxapp
+  - name: linuxapp-tcp
+    namespace: linux
+    ports:
+      - {{name: tcp, port: 9000, local_port: {tcp_local}}}
+    endpoints:
+      - address: 127.0.0.1
+        ports: {{tcp: {sc_in}}}
+        service_account: linuxapp
+windows_services:
+  - name: winapp
+    namespace: win
+    identity: {WIN_ID}
+    ports:
+      - {{name: http, port: 8080, gateway_port: {w_http}, target_port: {}}}
+    backends: [127.0.0.1]
+  - name: winapp-grpc
+    namespace: win
+    ports:
+      - {{name: grpc, port: 9090, gateway_port: {w_grpc}, target_port: {}}}
+    backends: [127.0.0.1]
+{extra}"#,
+        win.addr.port(),
+        win_grpc.addr.port(),
+    )
+}
+
+/// Serves Istio's metadata-exchange preamble and then nothing: what a client that negotiated
+/// `istio-peer-exchange` with a real sidecar gets.
+async fn peer_exchange_trap() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(&PEER_EXCHANGE_MAGIC).await;
+                let _ = s.write_all(&[0, 0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+impl World {
+    async fn start() -> Option<World> {
+        support::init_tracing();
+        let bin = support::envoy_bin()?;
+        let dir = tempfile::tempdir().unwrap();
+        let win = Backend::start("winapp").await;
+        let win_b = Backend::start("winapp-b").await;
+        let win_grpc = Backend::start("winapp-grpc").await;
+        let linux = Backend::start("linuxapp").await;
+        let (trap, trap_task) = peer_exchange_trap().await;
+        let (w_http, w_grpc, out_port, sc_in, tcp_local) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
+
+        let mesh_file = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &mesh_file,
+            mesh_yaml(w_http, w_grpc, &win, &win_grpc, sc_in, tcp_local, ""),
+        )
+        .unwrap();
+        let state = dir.path().join("dev-ca");
+        let cfg_text = format!(
+            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
+             ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n\
+             gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n",
+            state.display(),
+            mesh_file.display()
+        );
+        let cfg_path = dir.path().join("winmesh.yaml");
+        std::fs::write(&cfg_path, cfg_text).unwrap();
+        let mut cfg = Config::load(&cfg_path).expect("config");
+        let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
+        cfg.xds.listen = server.running.xds_addr;
+        let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+
+        // The Linux side: certificates from the same mesh CA, Istio sidecar configuration.
+        let ca = DevCa::load_or_create(&state, "cluster.local").unwrap();
+        let certs = dir.path().join("linux-certs");
+        ca.issue_to_dir(
+            &SpiffeId::parse(LINUX_ID).unwrap(),
+            Duration::from_secs(3600),
+            &certs,
+        )
+        .unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let sc = Sidecar {
+            node_id: "linuxapp.linux".into(),
+            admin: any,
+            trust_domain: "cluster.local".into(),
+            certs: &certs,
+            outbound: vec![
+                Outbound {
+                    name: "to-winapp".into(),
+                    listen: any,
+                    host: WIN_HOST.into(),
+                    port: 8080,
+                    http2: false,
+                    endpoint: SocketAddr::from(([127, 0, 0, 1], w_http)),
+                    expected_sans: vec![WIN_ID.into()],
+                },
+                Outbound {
+                    name: "to-winapp-grpc".into(),
+                    listen: any,
+                    host: "winapp-grpc.win.svc.cluster.local".into(),
+                    port: 9090,
+                    http2: true,
+                    endpoint: SocketAddr::from(([127, 0, 0, 1], w_grpc)),
+                    expected_sans: vec![GW_ID.into()],
+                },
+            ],
+            inbound: Some(Inbound {
+                listen: SocketAddr::from(([127, 0, 0, 1], sc_in)),
+                app: linux.addr,
+                app_http2: false,
+                peer_exchange_trap: Some(trap),
+            }),
+        };
+        let sidecar = Envoy::start(&bin, &serde_yaml::to_string(&sc.bootstrap()).unwrap()).await;
+
+        let gw_http = SocketAddr::from(([127, 0, 0, 1], w_http));
+        let gw_grpc = SocketAddr::from(([127, 0, 0, 1], w_grpc));
+        let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
+        let gw_tcp = SocketAddr::from(([127, 0, 0, 1], tcp_local));
+        for name in [
+            winmesh::translate::inbound::listener_name(w_http),
+            winmesh::translate::inbound::listener_name(w_grpc),
+            winmesh::translate::outbound::HTTP_LISTENER.to_string(),
+            winmesh::translate::outbound::tcp_listener_name(tcp_local),
+        ] {
+            wait_for(
+                &format!("gateway listener {name}"),
+                T,
+                || gateway.diagnostics(),
+                || gateway.listener_addr(&name),
+            )
+            .await;
+        }
+        let sc_to_win = wait_for(
+            "sidecar listener",
+            T,
+            || sidecar.diagnostics(),
+            || sidecar.listener_addr("to-winapp"),
+        )
+        .await;
+        let sc_to_win_grpc = wait_for(
+            "sidecar listener",
+            T,
+            || sidecar.diagnostics(),
+            || sidecar.listener_addr("to-winapp-grpc"),
+        )
+        .await;
+        wait_for(
+            "gateway LIVE",
+            T,
+            || gateway.diagnostics(),
+            || async { gateway.is_live().await.then_some(()) },
+        )
+        .await;
+        Some(World {
+            dir,
+            server,
+            gateway,
+            sidecar,
+            gw_http,
+            gw_grpc,
+            gw_out,
+            gw_tcp,
+            sc_to_win,
+            sc_to_win_grpc,
+            sc_inbound: SocketAddr::from(([127, 0, 0, 1], sc_in)),
+            ca,
+            mesh_file,
+            win_b,
+            _apps: vec![win, win_grpc, linux],
+            _trap: trap_task,
+        })
+    }
+
+    async fn diag(&self) -> String {
+        let (_, reg) =
+            winmesh::status::http_get(self.server.running.debug_addr, "/debug/registryz", None)
+                .await
+                .unwrap_or_default();
+        format!(
+            "registryz: {reg}\nGATEWAY {}\nSIDECAR {}",
+            self.gateway.diagnostics().await,
+            self.sidecar.diagnostics().await
+        )
+    }
+
+    /// A mesh client presenting `id` (issued by `ca`), as a Linux sidecar would connect to winapp.
+    fn client(&self, ca: &DevCa, id: &str) -> MeshClient {
+        let (key, chain) = ca
+            .issue(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600))
+            .unwrap();
+        MeshClient {
+            chain_pem: chain[..chain.len() - 1].concat(),
+            key_pem: key.expose().to_string(),
+            roots_pem: self.ca.roots_pem(),
+        }
+    }
+
+    async fn call_winapp(&self, c: &MeshClient, path: &str) -> Result<support::tls::Reply, String> {
+        c.get(
+            self.gw_http,
+            &format!("outbound_.8080_._.{WIN_HOST}"),
+            &["istio-http/1.1", "istio", "http/1.1"],
+            SanCheck::Exact(vec![WIN_ID.into()]),
+            path,
+        )
+        .await
+    }
+
+    fn edit_mesh(&self, extra: &str, win_backend: &Backend) {
+        let text = std::fs::read_to_string(&self.mesh_file).unwrap();
+        // Rebuild from the parts we know: ports are in the current file.
+        let port_of = |key: &str| -> u16 {
+            let i = text.find(key).unwrap() + key.len();
+            text[i..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let sc_in = port_of("ports: {http: ");
+        let tcp_local = port_of("local_port: ");
+        let grpc_target = {
+            let i = text.find("gateway_port: ").unwrap();
+            let rest = &text[i + 14..];
+            let j = rest.find("gateway_port: ").unwrap();
+            let after = &rest[j..];
+            let k = after.find("target_port: ").unwrap() + 13;
+            after[k..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse::<u16>()
+                .unwrap()
+        };
+        let text = mesh_yaml(
+            self.gw_http.port(),
+            self.gw_grpc.port(),
+            win_backend,
+            &FakePort(grpc_target).backend(),
+            sc_in,
+            tcp_local,
+            extra,
+        );
+        let tmp = self.dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.mesh_file).unwrap();
+    }
+
+    async fn stop(self) {
+        self.gateway.stop().await;
+        self.sidecar.stop().await;
+        self.server.stop().await;
+    }
+}
+
+/// Stand-in used when re-rendering the mesh file with a known port.
+struct FakePort(u16);
+impl FakePort {
+    fn backend(&self) -> Backend {
+        Backend {
+            addr: SocketAddr::from(([127, 0, 0, 1], self.0)),
+            name: String::new(),
+            task: tokio::spawn(async {}),
+        }
+    }
+}
+
+fn headers(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_directions_carry_istio_identities() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    // Linux → Windows: the Linux app calls its sidecar, which speaks Istio mTLS to the gateway.
+    let url = format!("http://{}/headers", w.sc_to_win);
+    let (code, body) = wait_for(
+        "Linux → Windows",
+        T,
+        || w.diag(),
+        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    assert_eq!(code, 200);
+    let v = headers(&body);
+    assert_eq!(v["backend"], "winapp");
+    let xfcc = v["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or("");
+    assert!(xfcc.contains(&format!("URI={LINUX_ID}")), "XFCC: {xfcc:?}");
+    assert!(
+        v["headers"].get("x-envoy-peer-metadata").is_none(),
+        "peer metadata leaked to the app"
+    );
+    assert!(v["headers"].get("x-envoy-peer-metadata-id").is_none());
+
+    // Windows → Linux, with the gateway as HTTP proxy and with a direct Host header.
+    let proxy = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(format!("http://{}", w.gw_out)).unwrap())
+        .build()
+        .unwrap();
+    let r = wait_for(
+        "Windows → Linux",
+        T,
+        || w.diag(),
+        || async {
+            let r = proxy
+                .get("http://linuxapp.linux:8080/headers")
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(r)
+        },
+    )
+    .await;
+    let v = headers(&r.text().await.unwrap());
+    assert_eq!(v["backend"], "linuxapp");
+    let xfcc = v["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        xfcc.contains(&format!("URI={GW_ID}")),
+        "the Linux side must see the gateway identity: {xfcc:?}"
+    );
+    for host in [
+        "linuxapp.linux.svc.cluster.local:8080",
+        "linuxapp.linux.svc:8080",
+        "linuxapp:8080",
+        "linuxapp.linux",
+    ] {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}/", w.gw_out))
+            .header("host", host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "Host {host}");
+        assert_eq!(r.text().await.unwrap(), "linuxapp");
+    }
+    // An unknown host is not forwarded anywhere.
+    let r = reqwest::Client::new()
+        .get(format!("http://{}/", w.gw_out))
+        .header("host", "nope.default:80")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // A local TCP port reaches a TCP service over Istio mTLS (ALPN "istio", the sidecar's TCP chain).
+    let (code, body) = support::get_text(&format!("http://{}/", w.gw_tcp))
+        .await
+        .expect("tcp service");
+    assert_eq!((code, body.as_str()), (200, "linuxapp"));
+    // No istio-peer-exchange was ever negotiated (the trap chain was never used).
+    assert_eq!(
+        w.sidecar
+            .stat("tcp.peer-exchange.downstream_cx_total")
+            .await,
+        0
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_works_both_ways() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let url = format!("http://{}/version", w.sc_to_win_grpc);
+    let body = wait_for(
+        "Linux → Windows over HTTP/2",
+        T,
+        || w.diag(),
+        || async {
+            let r = h2.get(&url).send().await.ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.text().await.ok()
+        },
+    )
+    .await;
+    assert_eq!(
+        body, "HTTP/2.0",
+        "the Windows gRPC backend must be reached with HTTP/2"
+    );
+    assert!(
+        w.gateway
+            .stat("http.inbound|9090||winapp-grpc.win.svc.cluster.local.downstream_cx_http2_total")
+            .await
+            > 0
+    );
+
+    // Windows → Linux gRPC port: HTTP/2 over Istio mTLS with ALPN istio-h2.
+    // (With HTTP/2 the authority comes from the URL, so go through the gateway as an HTTP proxy.)
+    let h2_proxy = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .proxy(reqwest::Proxy::http(format!("http://{}", w.gw_out)).unwrap())
+        .build()
+        .unwrap();
+    let r = h2_proxy
+        .get("http://linuxapp.linux:9090/")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "linuxapp");
+    assert!(
+        w.sidecar
+            .stat("http.inbound-http.downstream_cx_http2_total")
+            .await
+            > 0,
+        "{}",
+        w.diag().await
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_port_refuses_plaintext_strangers_and_unknown_sni() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let linux = w.client(&w.ca, LINUX_ID);
+    wait_for(
+        "mTLS works",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&linux, "/")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    let r = w.call_winapp(&linux, "/").await.unwrap();
+    assert_eq!(
+        r.alpn.as_deref(),
+        Some("http/1.1"),
+        "server ALPN h2/http1.1, never istio*"
+    );
+
+    // Plaintext HTTP to the mesh port: no response, connection closed.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(w.gw_http).await.unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: winapp\r\n\r\n").await;
+        let mut buf = vec![0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("closed promptly")
+            .unwrap_or(0);
+        assert!(
+            !String::from_utf8_lossy(&buf[..n]).contains("HTTP/1.1 200"),
+            "plaintext was served"
+        );
+        assert_eq!(n, 0, "plaintext must get nothing back");
+    }
+    // Unknown SNI: refused.
+    let e = linux
+        .get(
+            w.gw_http,
+            "outbound_.8080_._.other.win.svc.cluster.local",
+            &["istio"],
+            SanCheck::Prefix("spiffe://".into()),
+            "/",
+        )
+        .await;
+    assert!(e.is_err(), "unknown SNI was served: {e:?}");
+    // A client certificate from another CA.
+    let stranger_ca = DevCa::new_root("cluster.local").unwrap();
+    let stranger = w.client(&stranger_ca, LINUX_ID);
+    let e = w.call_winapp(&stranger, "/").await;
+    assert!(
+        e.is_err() || e.as_ref().is_ok_and(|r| r.status != 200),
+        "foreign CA accepted: {e:?}"
+    );
+    // The mesh CA, but another trust domain.
+    let foreign_td = w.client(&w.ca, "spiffe://evil.example/ns/linux/sa/linuxapp");
+    let e = w.call_winapp(&foreign_td, "/").await;
+    assert!(
+        e.is_err() || e.as_ref().is_ok_and(|r| r.status != 200),
+        "other trust domain accepted: {e:?}"
+    );
+    // And the peer-exchange ALPN is not what the gateway negotiates.
+    let r = linux
+        .get(
+            w.gw_http,
+            &format!("outbound_.8080_._.{WIN_HOST}"),
+            &["istio-peer-exchange", "istio"],
+            SanCheck::Exact(vec![WIN_ID.into()]),
+            "/",
+        )
+        .await
+        .unwrap();
+    assert_ne!(r.alpn.as_deref(), Some("istio-peer-exchange"));
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_policies_deny_and_allow() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let linux = w.client(&w.ca, LINUX_ID);
+    let other = w.client(&w.ca, "spiffe://cluster.local/ns/linux/sa/other");
+    wait_for(
+        "baseline",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&linux, "/")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    let win = Backend {
+        addr: w._apps[0].addr,
+        name: String::new(),
+        task: tokio::spawn(async {}),
+    };
+
+    // DENY the Linux app: 403.
+    w.edit_mesh(
+        "authorization_policies:\n  - name: deny-linuxapp\n    namespace: win\n    action: DENY\n    rules:\n      - from:\n          - source:\n              principals: [cluster.local/ns/linux/sa/linuxapp]\n",
+        &win,
+    );
+    let r = wait_for(
+        "DENY → 403",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&linux, "/")
+                .await
+                .ok()
+                .filter(|r| r.status == 403)
+        },
+    )
+    .await;
+    assert!(r.body.contains("RBAC"), "{}", r.body);
+    assert_eq!(
+        w.call_winapp(&other, "/").await.unwrap().status,
+        200,
+        "DENY hits only its principal"
+    );
+
+    // ALLOW only `other` (and only GET on /api/*): linuxapp is refused, other is admitted.
+    w.edit_mesh(
+        "authorization_policies:\n  - name: only-other\n    namespace: win\n    services: [winapp]\n    action: ALLOW\n    rules:\n      - from:\n          - source:\n              principals: [cluster.local/ns/linux/sa/other]\n        to:\n          - operation:\n              methods: [GET]\n              paths: [\"/api/*\"]\n",
+        &win,
+    );
+    wait_for(
+        "ALLOW applied",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&linux, "/api/x")
+                .await
+                .ok()
+                .filter(|r| r.status == 403)
+        },
+    )
+    .await;
+    assert_eq!(w.call_winapp(&other, "/api/x").await.unwrap().status, 200);
+    assert_eq!(
+        w.call_winapp(&other, "/private").await.unwrap().status,
+        403,
+        "path outside the rule"
+    );
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_file_edits_apply_live_without_failing_requests() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let url = format!("http://{}/", w.sc_to_win);
+    wait_for(
+        "baseline",
+        T,
+        || w.diag(),
+        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    let accept = Arc::new(Mutex::new(vec!["winapp".to_string()]));
+    let traffic = Traffic::start_n(url.clone(), accept.clone(), 2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Move winapp's endpoints to another backend.
+    accept.lock().unwrap().push("winapp-b".into());
+    w.edit_mesh("", &w.win_b);
+    wait_for(
+        "endpoints moved",
+        T,
+        || w.diag(),
+        || async {
+            support::get_text(&url)
+                .await
+                .filter(|(_, b)| b == "winapp-b")
+        },
+    )
+    .await;
+    // Add a service and a policy; existing traffic keeps flowing.
+    let new_win = Backend::start("winapp-new").await;
+    let new_port = free_port();
+    w.edit_mesh(
+        &format!(
+            "  - name: winapp-new\n    namespace: win\n    ports:\n      - {{name: http, port: 8080, gateway_port: {new_port}, target_port: {}}}\n    backends: [127.0.0.1]\n\
+             authorization_policies:\n  - name: allow-all-linux\n    namespace: win\n    action: ALLOW\n    rules:\n      - from:\n          - source:\n              namespaces: [linux]\n",
+            new_win.addr.port()
+        ),
+        &w.win_b,
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, failed, last) = traffic.stop().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during live edits; last: {last}\n{}",
+        ok + failed,
+        w.diag().await
+    );
+    assert!(ok > 20);
+    // The edited file is what winmesh serves now.
+    let (_, reg) = winmesh::status::http_get(w.server.running.debug_addr, "/debug/registryz", None)
+        .await
+        .unwrap();
+    assert!(reg.contains("allow-all-linux"), "{reg}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_mesh_file_keeps_serving_the_last_good_model() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let url = format!("http://{}/", w.sc_to_win);
+    wait_for(
+        "baseline",
+        T,
+        || w.diag(),
+        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    std::fs::write(&w.mesh_file, "services: [this is: not: valid").unwrap();
+    let reg = wait_for(
+        "error visible in registryz",
+        T,
+        || w.diag(),
+        || async {
+            let (_, reg) =
+                winmesh::status::http_get(w.server.running.debug_addr, "/debug/registryz", None)
+                    .await
+                    .ok()?;
+            let v: Value = serde_json::from_str(&reg).ok()?;
+            v["error"].is_string().then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        reg["mesh"]["windows_services"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2),
+        "last good model kept"
+    );
+    assert_eq!(support::get_text(&url).await.map(|x| x.0), Some(200));
+    assert_eq!(
+        w.server
+            .running
+            .metrics
+            .value("winmesh_mesh_file_error", &[]),
+        Some(1.0)
+    );
+    let _ = w.sc_inbound;
+    w.stop().await;
+}
