@@ -39,3 +39,6 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx) -> (Translated, Vec<String>) {
     outbound::translate(mesh, ctx, &mut out, &mut warnings);
     (out, warnings)
 }
+
+#[cfg(test)]
+mod tests;

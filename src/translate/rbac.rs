@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
-use envoy_types::util::pack_any;
+use prost::Message;
 
 use super::common::{exact, prefix, suffix};
 use crate::model::{Action, AuthorizationPolicy, Operation, Rule, Source};
@@ -299,6 +299,43 @@ pub fn rbac_configs(
     (build(Action::Deny), build(Action::Allow))
 }
 
+/// Encodes `r` with its `policies` map (field 2) in sorted key order. prost encodes maps in `HashMap`
+/// order, which differs between runs; content versions hash these bytes, so they must be stable.
+fn encode_rbac_sorted(r: &Rbac) -> Vec<u8> {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut base = r.clone();
+    base.policies.clear();
+    let mut buf = base.encode_to_vec();
+    let mut entries: Vec<(&String, &Policy)> = r.policies.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    for (k, v) in entries {
+        let mut entry = Vec::new();
+        prost::encoding::string::encode(1, k, &mut entry);
+        prost::encoding::message::encode(2, v, &mut entry);
+        encode_key(2, WireType::LengthDelimited, &mut buf);
+        encode_varint(entry.len() as u64, &mut buf);
+        buf.extend_from_slice(&entry);
+    }
+    buf
+}
+
+/// Packs a filter config whose field 1 is the RBAC `rules`, with the rules encoded deterministically.
+fn pack_with_rules<M: prost::Message + prost::Name>(
+    without_rules: &M,
+    rules: &Rbac,
+) -> envoy_types::pb::google::protobuf::Any {
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut value = without_rules.encode_to_vec();
+    let r = encode_rbac_sorted(rules);
+    encode_key(1, WireType::LengthDelimited, &mut value);
+    encode_varint(r.len() as u64, &mut value);
+    value.extend_from_slice(&r);
+    envoy_types::pb::google::protobuf::Any {
+        type_url: M::type_url(),
+        value,
+    }
+}
+
 /// HTTP RBAC filters (DENY then ALLOW) for an inbound HCM. Denied requests get 403.
 pub fn http_filters(
     policies: &[&AuthorizationPolicy],
@@ -316,10 +353,10 @@ pub fn http_filters(
         .flatten()
         .map(|rules| HttpFilter {
             name: "envoy.filters.http.rbac".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(HttpRbac {
-                rules: Some(rules),
-                ..Default::default()
-            }))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_with_rules(
+                &HttpRbac::default(),
+                &rules,
+            ))),
             ..Default::default()
         })
         .collect()
@@ -336,16 +373,22 @@ pub fn network_filters(
     [deny, allow]
         .into_iter()
         .flatten()
-        .map(|rules| {
-            super::common::network_filter(
-                "envoy.filters.network.rbac",
-                NetRbac {
-                    rules: Some(rules),
-                    stat_prefix: stat_prefix.into(),
-                    ..Default::default()
-                },
-            )
-        })
+        .map(
+            |rules| envoy_types::pb::envoy::config::listener::v3::Filter {
+                name: "envoy.filters.network.rbac".into(),
+                config_type: Some(
+                    envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                        pack_with_rules(
+                            &NetRbac {
+                                stat_prefix: stat_prefix.into(),
+                                ..Default::default()
+                            },
+                            &rules,
+                        ),
+                    ),
+                ),
+            },
+        )
         .collect()
 }
 
@@ -451,6 +494,35 @@ mod tests {
             vec![any_permission()],
             "methods ignored: denies the whole rule's sources"
         );
+    }
+
+    #[test]
+    fn sorted_encoding_decodes_to_the_same_config() {
+        let rules: Vec<Rule> = (0..8)
+            .map(|i| Rule {
+                from: vec![Source {
+                    principals: vec![format!("cluster.local/ns/n{i}/sa/x")],
+                    ..Default::default()
+                }],
+                to: vec![],
+            })
+            .collect();
+        let p = pol(Action::Allow, rules);
+        let (_, allow) = rbac_configs(&[&p], true, &id);
+        let allow = allow.unwrap();
+        let bytes = encode_rbac_sorted(&allow);
+        assert_eq!(Rbac::decode(bytes.as_slice()).unwrap(), allow);
+        let f = http_filters(&[&p], &id);
+        let Some(envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(any)) = &f[0].config_type else { panic!() };
+        let decoded = envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac::decode(
+            any.value.as_slice(),
+        )
+        .unwrap();
+        assert_eq!(decoded.rules.unwrap(), allow);
+        for _ in 0..10 {
+            let (_, again) = rbac_configs(&[&p], true, &id);
+            assert_eq!(encode_rbac_sorted(&again.unwrap()), bytes);
+        }
     }
 
     #[test]

@@ -1,0 +1,485 @@
+//! Unit tests of the generated Envoy resources (golden files and real-Envoy validation live in
+//! integration/golden.rs).
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager,
+    http_connection_manager::{ForwardClientCertDetails, RouteSpecifier},
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, UpstreamTlsContext, common_tls_context::ValidationContextType,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use prost::Message;
+
+use super::*;
+use crate::discovery::file::{FileSettings, parse};
+use crate::model::GatewaySettings;
+
+fn settings() -> FileSettings {
+    FileSettings {
+        trust_domain: "cluster.local".into(),
+        domain_suffix: "cluster.local".into(),
+        gateway: GatewaySettings {
+            inbound_address: "0.0.0.0".parse().unwrap(),
+            outbound_address: "127.0.0.1".parse().unwrap(),
+            outbound_port: 15001,
+        },
+    }
+}
+
+const MESH: &str = r#"
+services:
+  - name: reviews
+    namespace: default
+    ports:
+      - {name: http, port: 9080}
+      - {name: grpc-api, port: 9090}
+      - {name: tcp-db, port: 5432, local_port: 25432}
+    service_accounts: [bookinfo-reviews-v2]
+    endpoints:
+      - {address: 10.0.0.1, service_account: bookinfo-reviews}
+      - {address: 10.0.0.2, service_account: bookinfo-reviews, tls_mode: disabled}
+      - {address: 10.0.0.3, service_account: bookinfo-reviews, ready: false}
+  - name: legacy
+    namespace: plain
+    ports: [{name: http, port: 80}]
+    endpoints: [{address: 10.0.1.1}]
+  - name: reviews
+    namespace: other
+    ports: [{name: http, port: 9080}]
+windows_services:
+  - name: winapp
+    namespace: win
+    identity: spiffe://cluster.local/ns/win/sa/winapp
+    ports:
+      - {name: http, port: 8080, gateway_port: 15443, target_port: 80}
+      - {name: tcp, port: 9000}
+    backends: [192.168.1.10, 192.168.1.11]
+peer_authentications:
+  - {namespace: plain, mode: DISABLE}
+authorization_policies:
+  - name: deny-bad
+    namespace: win
+    action: DENY
+    rules: [{from: [{source: {principals: [cluster.local/ns/x/sa/bad]}}]}]
+"#;
+
+fn translated() -> Translated {
+    let (mesh, errs) = parse(MESH, &settings()).unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let ctx = Ctx {
+        secrets_via: crate::config::SecretsVia::Ads,
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    };
+    translate(&mesh, &ctx).0
+}
+
+fn listener<'a>(t: &'a Translated, name: &str) -> &'a Listener {
+    t.listeners
+        .iter()
+        .find(|l| l.name == name)
+        .unwrap_or_else(|| panic!("no listener {name}"))
+}
+
+fn cluster<'a>(t: &'a Translated, name: &str) -> &'a Cluster {
+    t.clusters
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+fn hcm(l: &Listener, chain: usize) -> HttpConnectionManager {
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &l.filter_chains[chain].filters.last().unwrap().config_type
+    else {
+        panic!("typed config")
+    };
+    HttpConnectionManager::decode(any.value.as_slice()).unwrap()
+}
+
+#[test]
+fn inbound_chain_is_istio_server_side() {
+    let t = translated();
+    let l = listener(&t, "winmesh_inbound_15443");
+    assert_eq!(
+        l.listener_filters[0].name,
+        "envoy.filters.listener.tls_inspector"
+    );
+    assert!(
+        l.default_filter_chain.is_none(),
+        "no default chain: unknown SNI and plaintext are refused"
+    );
+    assert_eq!(l.filter_chains.len(), 1);
+    let fc = &l.filter_chains[0];
+    let m = fc.filter_chain_match.as_ref().unwrap();
+    assert_eq!(
+        m.server_names,
+        vec!["outbound_.8080_._.winapp.win.svc.cluster.local"]
+    );
+    assert_eq!(m.transport_protocol, "tls");
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+        any,
+    )) = &fc.transport_socket.as_ref().unwrap().config_type
+    else {
+        panic!()
+    };
+    let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    assert!(tls.require_client_certificate.unwrap().value);
+    let common = tls.common_tls_context.unwrap();
+    assert_eq!(common.alpn_protocols, vec!["h2", "http/1.1"]);
+    assert_eq!(
+        common.tls_certificate_sds_secret_configs[0].name,
+        "spiffe://cluster.local/ns/win/sa/winapp"
+    );
+    let Some(ValidationContextType::CombinedValidationContext(v)) = common.validation_context_type
+    else {
+        panic!()
+    };
+    assert_eq!(
+        v.validation_context_sds_secret_config.unwrap().name,
+        "ROOTCA"
+    );
+    let san = &v
+        .default_validation_context
+        .unwrap()
+        .match_typed_subject_alt_names[0];
+    assert_eq!(
+        san.matcher.as_ref().unwrap().match_pattern,
+        Some(MatchPattern::Prefix("spiffe://cluster.local/".into()))
+    );
+    let h = hcm(l, 0);
+    assert_eq!(
+        h.forward_client_cert_details,
+        ForwardClientCertDetails::SanitizeSet as i32
+    );
+    assert!(h.set_current_client_cert_details.unwrap().uri);
+    let names: Vec<&str> = h.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec!["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    );
+    let Some(RouteSpecifier::RouteConfig(rc)) = h.route_specifier else {
+        panic!()
+    };
+    assert_eq!(
+        rc.request_headers_to_remove,
+        vec!["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"]
+    );
+    // TCP port: tcp_proxy (RBAC first), no ALPN offered.
+    let l = listener(&t, "winmesh_inbound_9000");
+    let names: Vec<&str> = l.filter_chains[0]
+        .filters
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            "envoy.filters.network.rbac",
+            "envoy.filters.network.tcp_proxy"
+        ]
+    );
+    // Windows backends, plain, on the target port.
+    let cla = t
+        .endpoints
+        .iter()
+        .find(|c| c.cluster_name == "inbound|8080||winapp.win.svc.cluster.local")
+        .unwrap();
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+    assert!(
+        cluster(&t, "inbound|8080||winapp.win.svc.cluster.local")
+            .transport_socket
+            .is_none()
+    );
+}
+
+fn upstream_tls(c: &Cluster) -> UpstreamTlsContext {
+    let m = &c.transport_socket_matches[0];
+    assert_eq!(
+        m.r#match.as_ref().unwrap().fields["tlsMode"].kind,
+        Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(
+            "istio".into()
+        ))
+    );
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+        any,
+    )) = &m.transport_socket.as_ref().unwrap().config_type
+    else {
+        panic!()
+    };
+    UpstreamTlsContext::decode(any.value.as_slice()).unwrap()
+}
+
+#[test]
+fn outbound_clusters_are_istio_client_side() {
+    let t = translated();
+    let c = cluster(&t, "outbound|9080||reviews.default.svc.cluster.local");
+    assert_eq!(c.transport_socket_matches.len(), 2);
+    assert_eq!(
+        c.transport_socket_matches[1]
+            .transport_socket
+            .as_ref()
+            .unwrap()
+            .name,
+        "envoy.transport_sockets.raw_buffer"
+    );
+    let tls = upstream_tls(c);
+    assert_eq!(
+        tls.sni,
+        "outbound_.9080_._.reviews.default.svc.cluster.local"
+    );
+    let common = tls.common_tls_context.unwrap();
+    assert_eq!(
+        common.alpn_protocols,
+        vec!["istio-http/1.1", "istio", "http/1.1"]
+    );
+    assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "default");
+    let Some(ValidationContextType::CombinedValidationContext(v)) = common.validation_context_type
+    else {
+        panic!()
+    };
+    let sans: Vec<_> = v
+        .default_validation_context
+        .unwrap()
+        .match_typed_subject_alt_names
+        .into_iter()
+        .map(|m| m.matcher.unwrap().match_pattern.unwrap())
+        .collect();
+    assert_eq!(
+        sans,
+        vec![
+            MatchPattern::Exact("spiffe://cluster.local/ns/default/sa/bookinfo-reviews".into()),
+            MatchPattern::Exact("spiffe://cluster.local/ns/default/sa/bookinfo-reviews-v2".into()),
+        ]
+    );
+    assert_eq!(
+        upstream_tls(cluster(
+            &t,
+            "outbound|9090||reviews.default.svc.cluster.local"
+        ))
+        .common_tls_context
+        .unwrap()
+        .alpn_protocols,
+        vec!["istio-h2", "istio", "h2"]
+    );
+    assert!(
+        cluster(&t, "outbound|9090||reviews.default.svc.cluster.local")
+            .typed_extension_protocol_options
+            .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    );
+    assert_eq!(
+        upstream_tls(cluster(
+            &t,
+            "outbound|5432||reviews.default.svc.cluster.local"
+        ))
+        .common_tls_context
+        .unwrap()
+        .alpn_protocols,
+        vec!["istio"]
+    );
+    // Endpoints: tlsMode metadata only for sidecar endpoints; not-ready ones left out.
+    let cla = t
+        .endpoints
+        .iter()
+        .find(|c| c.cluster_name == "outbound|9080||reviews.default.svc.cluster.local")
+        .unwrap();
+    let eps = &cla.endpoints[0].lb_endpoints;
+    assert_eq!(eps.len(), 2);
+    assert!(
+        eps[0]
+            .metadata
+            .as_ref()
+            .unwrap()
+            .filter_metadata
+            .contains_key("envoy.transport_socket_match")
+    );
+    assert!(eps[1].metadata.is_none());
+    // PeerAuthentication DISABLE in the destination namespace: plaintext.
+    assert!(
+        cluster(&t, "outbound|80||legacy.plain.svc.cluster.local")
+            .transport_socket_matches
+            .is_empty()
+    );
+    // The TCP port has a local listener.
+    assert!(
+        t.listeners
+            .iter()
+            .any(|l| l.name == "winmesh_outbound_tcp_25432")
+    );
+    // Never istio-peer-exchange anywhere.
+    let all = format!("{:?}", t);
+    assert!(!all.contains("istio-peer-exchange"));
+}
+
+#[test]
+fn outbound_routes_have_istio_domains_without_duplicates() {
+    let t = translated();
+    let rc = t
+        .routes
+        .iter()
+        .find(|r| r.name == "winmesh_outbound_http")
+        .unwrap();
+    let vh = rc
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "reviews.default.svc.cluster.local:9080")
+        .unwrap();
+    for d in [
+        "reviews.default.svc.cluster.local:9080",
+        "reviews.default.svc:9080",
+        "reviews.default:9080",
+        "reviews.default.svc.cluster.local",
+        "reviews.default",
+    ] {
+        assert!(
+            vh.domains.contains(&d.to_string()),
+            "{d} missing from {:?}",
+            vh.domains
+        );
+    }
+    assert!(
+        !vh.domains.contains(&"reviews".to_string()),
+        "short name is ambiguous across namespaces"
+    );
+    let legacy = rc
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == "legacy.plain.svc.cluster.local:80")
+        .unwrap();
+    assert!(
+        legacy.domains.contains(&"legacy".to_string())
+            && legacy.domains.contains(&"legacy:80".to_string())
+    );
+    let mut all: Vec<&String> = rc
+        .virtual_hosts
+        .iter()
+        .flat_map(|v| v.domains.iter())
+        .collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(
+        all.len(),
+        n,
+        "duplicate domains would make Envoy reject the route"
+    );
+    assert!(
+        !rc.virtual_hosts.iter().any(|v| v.name.contains("5432")),
+        "TCP ports get no virtual host"
+    );
+}
+
+#[test]
+fn bad_objects_are_skipped_and_named_the_rest_is_kept() {
+    let text = r#"
+services:
+  - {name: good, namespace: a, ports: [{name: http, port: 80}]}
+  - {name: good, namespace: a, ports: [{name: http, port: 81}]}
+  - {name: typo, namespace: a, ports: [{name: http, port: 80}], endpoint: []}
+  - {name: badport, namespace: a, ports: [{name: http, port: 0}]}
+  - {name: big, namespace: a, ports: [{name: http, port: 70000}]}
+  - {name: Upper, namespace: a, ports: [{name: http, port: 80}]}
+  - {name: udp, namespace: a, ports: [{name: udp-dns, port: 53}]}
+windows_services:
+  - {name: w, namespace: win, ports: [{name: http, port: 80}], backends: [10.0.0.1]}
+  - {name: badid, namespace: win, identity: "spiffe://other.td/ns/a/sa/b", ports: [{name: http, port: 81}], backends: [10.0.0.1]}
+  - {name: nobackends, namespace: win, ports: [{name: http, port: 82}], backends: []}
+authorization_policies:
+  - {name: ok, namespace: win, rules: [{from: [{source: {principals: ["cluster.local/ns/a/*"]}}]}]}
+  - {name: when, namespace: win, rules: [{when: [{key: "request.headers[x]", values: [y]}]}]}
+  - {name: ipblocks, namespace: win, rules: [{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}]}
+  - {name: midstar, namespace: win, rules: [{from: [{source: {principals: ["a*b"]}}]}]}
+  - {name: spiffe, namespace: win, rules: [{from: [{source: {principals: ["spiffe://cluster.local/ns/a/sa/b"]}}]}]}
+"#;
+    let (mesh, errs) = parse(text, &settings()).unwrap();
+    assert_eq!(mesh.services.len(), 1);
+    assert_eq!(mesh.windows_services.len(), 1);
+    assert_eq!(mesh.authorization_policies.len(), 1);
+    let named: Vec<String> = errs
+        .iter()
+        .map(|e| format!("{} {}", e.kind, e.name))
+        .collect();
+    for want in [
+        "service a/good",
+        "service a/typo",
+        "service a/badport",
+        "service a/big",
+        "service a/Upper",
+        "service a/udp",
+        "windows_service win/badid",
+        "windows_service win/nobackends",
+        "authorization_policy win/when",
+        "authorization_policy win/ipblocks",
+        "authorization_policy win/midstar",
+        "authorization_policy win/spiffe",
+    ] {
+        assert!(
+            named.contains(&want.to_string()),
+            "{want} not reported in {named:?}"
+        );
+    }
+    let typo = errs.iter().find(|e| e.name == "a/typo").unwrap();
+    assert!(
+        typo.message.contains("unknown field `endpoint`"),
+        "{}",
+        typo.message
+    );
+    let dup = errs.iter().find(|e| e.name == "a/good").unwrap();
+    assert!(dup.message.contains("duplicate"));
+}
+
+#[test]
+fn a_broken_file_is_an_error_as_a_whole() {
+    assert!(parse("services: [oops: : ]", &settings()).is_err());
+    let e = parse("servics: []", &settings()).unwrap_err();
+    assert!(e.contains("servics"), "{e}");
+    let (m, errs) = parse("", &settings()).unwrap();
+    assert!(m.services.is_empty() && errs.is_empty());
+}
+
+#[test]
+fn peer_authentication_only_disable_means_plaintext() {
+    let (mesh, _) = parse(
+        "peer_authentications:\n  - {namespace: a, mode: STRICT, port_level_mtls: {8080: {mode: DISABLE}}}\n  - {namespace: b, mode: PERMISSIVE}\n  - {namespace: c, mode: DISABLE}\n",
+        &settings(),
+    )
+    .unwrap();
+    assert!(!mesh.client_sends_plaintext("a", 80));
+    assert!(mesh.client_sends_plaintext("a", 8080));
+    assert!(!mesh.client_sends_plaintext("b", 80));
+    assert!(mesh.client_sends_plaintext("c", 80));
+    assert!(!mesh.client_sends_plaintext("nobody", 80));
+}
+
+#[test]
+fn identical_input_gives_identical_bytes() {
+    // Content versions are hashes of the encoded bytes: protobuf maps (RBAC policies) must encode in a
+    // stable order or every re-translation would look like a change.
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/integration/golden/full-mesh.yaml"
+    ))
+    .unwrap();
+    let (mesh, _) = parse(&text, &settings()).unwrap();
+    let ctx = Ctx {
+        secrets_via: crate::config::SecretsVia::Ads,
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    };
+    let first: Vec<Vec<u8>> = translate(&mesh, &ctx)
+        .0
+        .listeners
+        .iter()
+        .map(|l| l.encode_to_vec())
+        .collect();
+    for _ in 0..20 {
+        let again: Vec<Vec<u8>> = translate(&mesh, &ctx)
+            .0
+            .listeners
+            .iter()
+            .map(|l| l.encode_to_vec())
+            .collect();
+        assert_eq!(first, again);
+    }
+}
