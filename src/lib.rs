@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod configdump;
 pub mod debug;
+pub mod demo;
 pub mod discovery;
 pub mod identity;
 pub mod metrics;

@@ -47,6 +47,19 @@ enum Cmd {
         /// Config file (YAML).
         file: PathBuf,
     },
+    /// Run the local demo: winmesh, the gateway Envoy, a demo Windows app and a demo Linux app behind an
+    /// Istio-style sidecar, all on loopback.
+    Demo {
+        /// Config file of the demo.
+        #[arg(long, short, default_value = "examples/winmesh.yaml")]
+        config: PathBuf,
+        /// The stock Envoy binary.
+        #[arg(long, env = "ENVOY_BIN", default_value = "envoy")]
+        envoy: PathBuf,
+        /// Check both directions and exit instead of running until Ctrl-C.
+        #[arg(long)]
+        check: bool,
+    },
     /// The embedded development CA.
     DevCa {
         #[command(subcommand)]
@@ -96,6 +109,16 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Warnings only, so the demo's own output stays readable.
+fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -197,6 +220,21 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+        Cmd::Demo {
+            config,
+            envoy,
+            check,
+        } => {
+            init_logging_quiet();
+            runtime(async move {
+                winmesh::demo::run(winmesh::demo::DemoOptions {
+                    config,
+                    envoy,
+                    check_only: check,
+                })
+                .await
+            })
         }
         Cmd::Status {
             config,

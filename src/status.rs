@@ -12,12 +12,22 @@ pub async fn http_get(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    http_get_host(addr, path, &addr.to_string(), token).await
+}
+
+/// Like [`http_get`] with an explicit `Host` header.
+pub async fn http_get_host(
+    addr: SocketAddr,
+    path: &str,
+    host: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         let auth = token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
             .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await?;
