@@ -1,6 +1,8 @@
 //! The `winmesh` binary as a user runs it: exit codes, error messages, serve + status.
 
 use std::process::{Command, Stdio};
+
+use serde::Deserialize;
 use std::time::{Duration, Instant};
 
 fn winmesh() -> Command {
@@ -133,4 +135,70 @@ fn serve_becomes_ready_and_status_talks_to_it() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn bootstrap_can_write_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(&dir, "c.yaml", "");
+    let out_file = dir.path().join("b.yaml");
+    let out = winmesh()
+        .args(["bootstrap", "--config"])
+        .arg(&cfg)
+        .arg("--output")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    assert_eq!(v["node"]["id"], "winmesh-gateway");
+}
+
+/// The config and mesh file shipped in manifests/ are valid as they stand.
+#[test]
+fn manifests_carry_a_valid_config_and_mesh_file() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("manifests/config.yaml")).unwrap();
+    let cm: serde_json::Value = serde_yaml::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for key in ["winmesh.yaml", "mesh.yaml"] {
+        std::fs::write(dir.path().join(key), cm["data"][key].as_str().unwrap()).unwrap();
+    }
+    let out = winmesh()
+        .arg("validate")
+        .arg(dir.path().join("winmesh.yaml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let settings = winmesh::discovery::file::FileSettings {
+        trust_domain: "cluster.local".into(),
+        domain_suffix: "cluster.local".into(),
+        gateway: winmesh::model::GatewaySettings {
+            inbound_address: "0.0.0.0".parse().unwrap(),
+            outbound_address: "0.0.0.0".parse().unwrap(),
+            outbound_port: 15001,
+        },
+    };
+    let (mesh, rejected) =
+        winmesh::discovery::file::parse(cm["data"]["mesh.yaml"].as_str().unwrap(), &settings)
+            .unwrap();
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert_eq!(mesh.windows_services.len(), 1);
+    for f in [
+        "namespace.yaml",
+        "gateway.yaml",
+        "windows-app-service.yaml",
+        "networkpolicy.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join("manifests").join(f)).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_json::Value::deserialize(doc).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert!(v["kind"].is_string() && v["apiVersion"].is_string(), "{f}");
+        }
+    }
 }

@@ -41,6 +41,9 @@ enum Cmd {
         /// Use state-of-the-world xDS (GRPC).
         #[arg(long)]
         sotw: bool,
+        /// Write the bootstrap to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
     /// Check a config file and exit (0 = valid, 2 = invalid).
     Validate {
@@ -140,6 +143,7 @@ fn main() -> ExitCode {
             node_id,
             delta,
             sotw,
+            output,
         } => {
             let cfg = match load(&config) {
                 Ok(c) => c,
@@ -159,18 +163,27 @@ fn main() -> ExitCode {
             } else {
                 None
             };
-            print!(
-                "{}",
-                bootstrap_yaml(
-                    &cfg,
-                    &BootstrapOptions {
-                        node_id,
-                        mode,
-                        token
-                    }
-                )
+            let text = bootstrap_yaml(
+                &cfg,
+                &BootstrapOptions {
+                    node_id,
+                    mode,
+                    token,
+                },
             );
-            ExitCode::SUCCESS
+            match output {
+                Some(path) => match std::fs::write(&path, text) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("winmesh: cannot write {}: {e}", path.display());
+                        ExitCode::FAILURE
+                    }
+                },
+                None => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+            }
         }
         Cmd::Serve { config } => {
             let cfg = match load(&config) {
