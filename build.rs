@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .bytes(".envoy.service.discovery.v3.WireAny.value")
+        .bytes(".envoy.service.discovery.v3.WireAny")
         .extern_path(
             ".envoy.service.discovery.v3.DiscoveryRequest",
             "::envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest",

@@ -332,7 +332,7 @@ impl DeltaStream {
                         version: r.version.clone(),
                         name: r.name.clone(),
                         resource: Some(WireAny {
-                            type_url: t.as_str().to_string(),
+                            type_url: bytes::Bytes::from_static(t.as_str().as_bytes()),
                             value: r.body.clone(),
                         }),
                     })

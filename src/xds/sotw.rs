@@ -280,7 +280,7 @@ impl SotwStream {
                 resources: desired
                     .values()
                     .map(|r| WireAny {
-                        type_url: t.as_str().to_string(),
+                        type_url: bytes::Bytes::from_static(t.as_str().as_bytes()),
                         value: r.body.clone(),
                     })
                     .collect(),

@@ -18,17 +18,19 @@ use super::wire::WireDiscoveryResponse;
 fn resp_names(r: &WireDiscoveryResponse) -> Vec<String> {
     r.resources
         .iter()
-        .map(|a| match TypeUrl::parse(&a.type_url).unwrap() {
-            Cluster => Cluster::decode(a.value.clone()).unwrap().name,
-            Endpoint => {
-                ClusterLoadAssignment::decode(a.value.clone())
-                    .unwrap()
-                    .cluster_name
-            }
-            Listener => Listener::decode(a.value.clone()).unwrap().name,
-            Route => RouteConfiguration::decode(a.value.clone()).unwrap().name,
-            Secret => Secret::decode(a.value.clone()).unwrap().name,
-        })
+        .map(
+            |a| match TypeUrl::parse(std::str::from_utf8(&a.type_url).unwrap()).unwrap() {
+                Cluster => Cluster::decode(a.value.clone()).unwrap().name,
+                Endpoint => {
+                    ClusterLoadAssignment::decode(a.value.clone())
+                        .unwrap()
+                        .cluster_name
+                }
+                Listener => Listener::decode(a.value.clone()).unwrap().name,
+                Route => RouteConfiguration::decode(a.value.clone()).unwrap().name,
+                Secret => Secret::decode(a.value.clone()).unwrap().name,
+            },
+        )
         .collect()
 }
 
