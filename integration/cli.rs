@@ -202,3 +202,56 @@ fn manifests_carry_a_valid_config_and_mesh_file() {
         }
     }
 }
+
+#[test]
+fn dev_ca_issue_writes_certificates_for_a_test_party() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        &dir,
+        "c.yaml",
+        &format!(
+            "ca:\n  mode: dev\n  state_dir: {}\n",
+            dir.path().join("state").display()
+        ),
+    );
+    let out_dir = dir.path().join("party");
+    let out = winmesh()
+        .args([
+            "dev-ca",
+            "issue",
+            "--identity",
+            "spiffe://cluster.local/ns/linux/sa/app",
+            "--ttl",
+            "1h",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let chain = std::fs::read_to_string(out_dir.join("cert-chain.pem")).unwrap();
+    let root = std::fs::read_to_string(out_dir.join("root-cert.pem")).unwrap();
+    assert_eq!(
+        root,
+        std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap(),
+        "issued by the persisted dev root"
+    );
+    assert!(chain.contains("BEGIN CERTIFICATE") && !chain.contains("PRIVATE"));
+    assert!(
+        std::fs::read_to_string(out_dir.join("key.pem"))
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    let out = winmesh()
+        .args(["dev-ca", "issue", "--identity", "not-a-spiffe-id", "--out"])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -715,6 +715,29 @@ async fn mesh_file_edits_apply_live_without_failing_requests() {
         w.diag().await
     );
     assert!(ok > 20);
+    // The new Windows service answers on its new gateway port, by its own SNI.
+    let linux = w.client(&w.ca, LINUX_ID);
+    let new_addr = SocketAddr::from(([127, 0, 0, 1], new_port));
+    let r = wait_for(
+        "new Windows service reachable",
+        T,
+        || w.diag(),
+        || async {
+            linux
+                .get(
+                    new_addr,
+                    "outbound_.8080_._.winapp-new.win.svc.cluster.local",
+                    &["istio-http/1.1", "istio", "http/1.1"],
+                    SanCheck::Exact(vec![GW_ID.into()]),
+                    "/",
+                )
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    assert_eq!(r.body, "winapp-new");
     // The edited file is what winmesh serves now.
     let (_, reg) = winmesh::status::http_get(w.server.running.debug_addr, "/debug/registryz", None)
         .await

@@ -268,3 +268,78 @@ async fn a_token_protected_server_refuses_streams_without_it() {
     assert_eq!(next(&mut s).await.unwrap().unwrap().resources.len(), 2);
     r.stop().await;
 }
+
+#[tokio::test]
+async fn an_oversized_request_fails_its_stream_only() {
+    let (cache, mut writer) = winmesh::xds::snapshot_cache();
+    let mut b = SnapshotBuilder::new();
+    b.add(&Cluster {
+        name: "a".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    writer.publish(b.build());
+    let metrics = std::sync::Arc::new(winmesh::metrics::Metrics::new());
+    let server = winmesh::xds::server::XdsServer::new(
+        cache,
+        winmesh::xds::clients::ClientRegistry::new(),
+        metrics.clone(),
+        None,
+    )
+    .with_max_decode(64 * 1024);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(winmesh::xds::server::serve(
+        listener,
+        server,
+        std::future::pending(),
+    ));
+    let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node()),
+        type_url: TypeUrl::Cluster.as_str().into(),
+        resource_names_subscribe: (0..10_000).map(|i| format!("cluster-{i:05}")).collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut s = c
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = next(&mut s).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::OutOfRange | Code::ResourceExhausted | Code::Internal
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        metrics.value(
+            "winmesh_xds_stream_errors_total",
+            &[("reason", "bad_request")]
+        ),
+        Some(1.0)
+    );
+    // A normal stream on the same server still works.
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(node()),
+        type_url: TypeUrl::Cluster.as_str().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut s = c
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut s).await.unwrap().unwrap().resources.len(), 1);
+    task.abort();
+}

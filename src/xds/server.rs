@@ -44,6 +44,7 @@ pub struct XdsServer {
     control_plane_id: Arc<str>,
     /// Streams end when this turns true, so a graceful server shutdown does not wait for proxies.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    max_decode: usize,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -62,7 +63,14 @@ impl XdsServer {
             token: token.map(Into::into),
             control_plane_id: format!("winmesh/{}", env!("CARGO_PKG_VERSION")).into(),
             shutdown: tokio::sync::watch::channel(false).1,
+            max_decode: MAX_DECODE_BYTES,
         }
+    }
+
+    /// Overrides the request size limit (default [`MAX_DECODE_BYTES`]).
+    pub fn with_max_decode(mut self, bytes: usize) -> Self {
+        self.max_decode = bytes;
+        self
     }
 
     /// Ends every stream when `shutdown` turns true.
@@ -74,14 +82,14 @@ impl XdsServer {
     /// The ADS service with the raised decode limit.
     pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
         AggregatedDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(MAX_DECODE_BYTES)
+            .max_decoding_message_size(self.max_decode)
             .max_encoding_message_size(usize::MAX)
     }
 
     /// The SDS service with the raised decode limit.
     pub fn sds_service(&self) -> SecretDiscoveryServiceServer<XdsServer> {
         SecretDiscoveryServiceServer::new(self.clone())
-            .max_decoding_message_size(MAX_DECODE_BYTES)
+            .max_decoding_message_size(self.max_decode)
             .max_encoding_message_size(usize::MAX)
     }
 
@@ -147,7 +155,21 @@ impl XdsServer {
                     },
                     Ok(None) => break 'stream,
                     Err(status) => {
-                        debug!(?peer, %status, "xDS stream ended with an error");
+                        use tonic::Code;
+                        match status.code() {
+                            // Undecodable or oversized requests: the peer's fault, worth a warning.
+                            Code::Internal | Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument => {
+                                warn!(?peer, %status, "closing xDS stream: bad request");
+                                m.inc(
+                                    "winmesh_xds_stream_errors_total",
+                                    "xDS streams closed because of a protocol or authentication error.",
+                                    &[("reason", "bad_request")],
+                                    1.0,
+                                );
+                                let _ = tx.send(Err(status)).await;
+                            }
+                            _ => debug!(?peer, %status, "xDS stream ended"),
+                        }
                         break 'stream;
                     }
                 },
