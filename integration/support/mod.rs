@@ -44,6 +44,20 @@ pub fn envoy_bin() -> Option<PathBuf> {
     }
 }
 
+/// The Envoy version (e.g. "1.40.0") from `envoy --version`.
+pub fn envoy_version(bin: &Path) -> String {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .expect("envoy --version");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split("version:")
+        .nth(1)
+        .and_then(|v| v.split('/').nth(1))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_else(|| panic!("cannot read the version from {text:?}"))
+}
+
 /// Skips the test (outside CI) when Envoy is not installed.
 #[macro_export]
 macro_rules! require_envoy {
