@@ -40,6 +40,17 @@ pub fn listener_name(port: u16) -> String {
     format!("winmesh_inbound_{port}")
 }
 
+/// Policies name service ports; the RBAC filter sees the gateway listener port.
+fn gateway_port(svc: &WindowsService, port: u16) -> u32 {
+    u32::from(
+        svc.ports
+            .iter()
+            .find(|x| x.port == port)
+            .map(|x| x.gateway_port)
+            .unwrap_or(port),
+    )
+}
+
 fn http_chain_filters(
     mesh: &Mesh,
     svc: &WindowsService,
@@ -47,16 +58,7 @@ fn http_chain_filters(
     cluster: &str,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
     let policies: Vec<_> = mesh.policies_for(svc).collect();
-    let map_port = |port: u16| -> u32 {
-        u32::from(
-            svc.ports
-                .iter()
-                .find(|x| x.port == port)
-                .map(|x| x.gateway_port)
-                .unwrap_or(port),
-        )
-    };
-    let mut http_filters = rbac::http_filters(&policies, &map_port);
+    let mut http_filters = rbac::http_filters(&policies, &|p| gateway_port(svc, p));
     http_filters.push(router());
     let route_config = RouteConfiguration {
         name: cluster.to_string(),
@@ -113,16 +115,7 @@ fn tcp_chain_filters(
     cluster: &str,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
     let policies: Vec<_> = mesh.policies_for(svc).collect();
-    let map_port = |port: u16| -> u32 {
-        u32::from(
-            svc.ports
-                .iter()
-                .find(|x| x.port == port)
-                .map(|x| x.gateway_port)
-                .unwrap_or(port),
-        )
-    };
-    let mut filters = rbac::network_filters(&policies, cluster, &map_port);
+    let mut filters = rbac::network_filters(&policies, cluster, &|p| gateway_port(svc, p));
     filters.push(network_filter(
         "envoy.filters.network.tcp_proxy",
         TcpProxy {

@@ -137,6 +137,21 @@ impl Resource {
     }
 }
 
+/// Short stable digest of (name, version) pairs, in the order given (callers pass sorted pairs).
+pub(crate) fn digest_pairs<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> String {
+    let mut h = Sha256::new();
+    for (name, version) in pairs {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(version.as_bytes());
+        h.update([0]);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 fn content_version(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()

@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use super::cache::{Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
-use super::sotw::resolve_type;
+use super::sotw::{remember_node, resolve_type};
 use super::stream::{
     NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
 };
@@ -95,13 +95,7 @@ impl DeltaStream {
         req: &DeltaDiscoveryRequest,
         now: Instant,
     ) -> Result<(TypeUrl, RequestKind), StreamError> {
-        if self.node.is_none() {
-            let node = req.node.as_ref().ok_or(StreamError::MissingNode)?;
-            if node.id.is_empty() {
-                return Err(StreamError::EmptyNodeId);
-            }
-            self.node = Some(NodeInfo::from_node(node));
-        }
+        remember_node(&mut self.node, req.node.as_ref())?;
         let t = resolve_type(&req.type_url, self.only)?;
         let st = &mut self.types[t.index()];
         let first = !st.requested;
@@ -392,17 +386,6 @@ impl DeltaStream {
 
 /// A short digest of a name → version map, so delta streams show comparable versions in syncz.
 fn digest_versions<'a>(it: impl Iterator<Item = (&'a String, &'a String)>) -> String {
-    use sha2::{Digest, Sha256};
     let sorted: BTreeMap<&String, &String> = it.collect();
-    let mut h = Sha256::new();
-    for (n, v) in sorted {
-        h.update(n.as_bytes());
-        h.update([0]);
-        h.update(v.as_bytes());
-        h.update([0]);
-    }
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::cache::digest_pairs(sorted.into_iter().map(|(n, v)| (n.as_str(), v.as_str())))
 }

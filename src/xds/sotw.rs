@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use sha2::{Digest, Sha256};
 
 use super::cache::{Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
@@ -100,13 +99,7 @@ impl SotwStream {
         req: &DiscoveryRequest,
         now: Instant,
     ) -> Result<(TypeUrl, RequestKind), StreamError> {
-        if self.node.is_none() {
-            let node = req.node.as_ref().ok_or(StreamError::MissingNode)?;
-            if node.id.is_empty() {
-                return Err(StreamError::EmptyNodeId);
-            }
-            self.node = Some(NodeInfo::from_node(node));
-        }
+        remember_node(&mut self.node, req.node.as_ref())?;
         let t = resolve_type(&req.type_url, self.only)?;
         let st = &mut self.types[t.index()];
         let first = !st.requested;
@@ -342,6 +335,22 @@ impl SotwStream {
     }
 }
 
+/// The first request of a stream must carry the node; later ones may omit it
+/// (`set_node_on_first_message_only`).
+pub(crate) fn remember_node(
+    node: &mut Option<NodeInfo>,
+    from_request: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+) -> Result<(), StreamError> {
+    if node.is_none() {
+        let n = from_request.ok_or(StreamError::MissingNode)?;
+        if n.id.is_empty() {
+            return Err(StreamError::EmptyNodeId);
+        }
+        *node = Some(NodeInfo::from_node(n));
+    }
+    Ok(())
+}
+
 pub(crate) fn resolve_type(type_url: &str, only: Option<TypeUrl>) -> Result<TypeUrl, StreamError> {
     if type_url.is_empty() {
         return only.ok_or(StreamError::MissingTypeUrl);
@@ -364,15 +373,5 @@ fn same_content(a: &Content, b: &Content) -> bool {
 }
 
 fn content_version(c: &Content) -> String {
-    let mut h = Sha256::new();
-    for (n, r) in c {
-        h.update(n.as_bytes());
-        h.update([0]);
-        h.update(r.version.as_bytes());
-        h.update([0]);
-    }
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    super::cache::digest_pairs(c.iter().map(|(n, r)| (n.as_str(), r.version.as_str())))
 }
