@@ -404,6 +404,14 @@ impl Config {
                 if let Some(i) = message.find(" at line ") {
                     message.truncate(i);
                 }
+                // serde_yaml may also prefix the enclosing path ("xds: unknown field ..."); we report
+                // the full path separately.
+                if let Some((head, rest)) = message.split_once(": ")
+                    && !head.contains(' ')
+                    && path.starts_with(head)
+                {
+                    message = rest.to_string();
+                }
                 ConfigError {
                     file: file.to_string(),
                     field: if path == "." { "(root)".into() } else { path },
@@ -578,7 +586,7 @@ mod tests {
     fn unknown_field_is_named_with_line() {
         let e = Config::parse("xds:\n  lisen: 127.0.0.1:1\n", "c.yaml").unwrap_err();
         assert_eq!(e.field, "xds.lisen");
-        assert!(e.message.contains("unknown field `lisen`"), "{e}");
+        assert!(e.message.starts_with("unknown field `lisen`"), "{e}");
         assert_eq!(e.line.map(|l| l.0), Some(2));
     }
 
