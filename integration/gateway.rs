@@ -660,6 +660,15 @@ async fn authorization_policies_deny_and_allow() {
         403,
         "path outside the rule"
     );
+    // Path tricks do not get around a path rule: the path is normalized before RBAC.
+    for sneaky in ["/api/../private", "/api/%2e%2e/private", "//private"] {
+        assert_eq!(
+            w.call_winapp(&other, sneaky).await.unwrap().status,
+            403,
+            "{sneaky}"
+        );
+    }
+    assert_eq!(w.call_winapp(&other, "/api/./x").await.unwrap().status, 200);
     w.stop().await;
 }
 

@@ -94,6 +94,10 @@ fn http_chain_filters(
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::RouteConfig(route_config)),
         http_filters,
+        // RFC 3986 normalization before RBAC sees the path (Istio's default `BASE`), so `/a/../admin`
+        // cannot slip past a policy on `/admin/*`; merging slashes closes `//admin` the same way.
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
         // Replace any XFCC the caller sent with the verified client identity.
         forward_client_cert_details: ForwardClientCertDetails::SanitizeSet as i32,
         set_current_client_cert_details: Some(SetCurrentClientCertDetails {
