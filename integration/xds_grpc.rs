@@ -343,3 +343,67 @@ async fn an_oversized_request_fails_its_stream_only() {
     assert_eq!(next(&mut s).await.unwrap().unwrap().resources.len(), 1);
     task.abort();
 }
+
+/// Connect storms: with a limit of one, a second proxy waits until the first one's initial push is
+/// complete (everything ACKed), then gets its configuration.
+#[tokio::test]
+async fn initial_pushes_are_admitted_in_turn() {
+    let (cache, mut writer) = winmesh::xds::snapshot_cache();
+    let mut b = SnapshotBuilder::new();
+    b.add(&Cluster {
+        name: "a".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    writer.publish(b.build());
+    let server = winmesh::xds::server::XdsServer::new(
+        cache,
+        winmesh::xds::clients::ClientRegistry::new(),
+        std::sync::Arc::new(winmesh::metrics::Metrics::new()),
+        None,
+    )
+    .with_initial_push_limit(1);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(winmesh::xds::server::serve(
+        listener,
+        server,
+        std::future::pending(),
+    ));
+    let cds = |nonce: &str| DiscoveryRequest {
+        node: Some(node()),
+        type_url: TypeUrl::Cluster.as_str().into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    };
+    let mut c = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx1, rx1) = mpsc::channel(4);
+    tx1.send(cds("")).await.unwrap();
+    let mut s1 = c
+        .stream_aggregated_resources(ReceiverStream::new(rx1))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut s1).await.unwrap().unwrap();
+
+    let (tx2, rx2) = mpsc::channel(4);
+    tx2.send(cds("")).await.unwrap();
+    let mut s2 = c
+        .stream_aggregated_resources(ReceiverStream::new(rx2))
+        .await
+        .unwrap()
+        .into_inner();
+    // The second stream is not served while the first has an un-ACKed initial push.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), s2.message())
+            .await
+            .is_err(),
+        "second stream served before the first finished its initial push"
+    );
+    tx1.send(cds(&first.nonce)).await.unwrap();
+    let second = next(&mut s2).await.unwrap().unwrap();
+    assert_eq!(second.resources.len(), 1);
+    task.abort();
+}

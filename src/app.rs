@@ -78,7 +78,8 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(Running, SnapshotWriter)> {
     let (shutdown, _) = watch::channel(false);
 
     let xds = XdsServer::new(cache.clone(), clients.clone(), metrics.clone(), xds_token)
-        .with_shutdown(shutdown.subscribe());
+        .with_shutdown(shutdown.subscribe())
+        .with_initial_push_limit(cfg.xds.max_concurrent_initial_pushes);
     let mut rx = shutdown.subscribe();
     let xds_task = tokio::spawn(async move {
         let stop = async move {

@@ -266,6 +266,8 @@ pub struct XdsConfig {
     /// File holding a bearer token that every stream must present. Required when `listen` is not a
     /// loopback address.
     pub token_file: Option<PathBuf>,
+    /// How many streams may receive their initial configuration at the same time.
+    pub max_concurrent_initial_pushes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -303,6 +305,7 @@ impl Default for XdsConfig {
             mode: XdsMode::Sotw,
             secrets: SecretsVia::Ads,
             token_file: None,
+            max_concurrent_initial_pushes: crate::xds::server::DEFAULT_INITIAL_PUSHES,
         }
     }
 }
@@ -509,6 +512,12 @@ impl Config {
                     format!("{:?} must be host:port", ca.address),
                 ));
             }
+        }
+        if self.xds.max_concurrent_initial_pushes == 0 {
+            return Err(err(
+                "xds.max_concurrent_initial_pushes",
+                "must be at least 1".into(),
+            ));
         }
         if self.gateway.outbound_port == 0 {
             return Err(err("gateway.outbound_port", "must be 1-65535".into()));

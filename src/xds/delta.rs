@@ -343,6 +343,11 @@ impl DeltaStream {
         None
     }
 
+    /// True once something was sent and nothing is outstanding (the initial push is done).
+    pub fn idle(&self) -> bool {
+        self.types.iter().any(|t| t.responses > 0) && self.types.iter().all(|t| t.pending.is_none())
+    }
+
     pub fn status(&self) -> Vec<TypeStatus> {
         TypeUrl::PUSH_ORDER
             .into_iter()

@@ -45,7 +45,12 @@ pub struct XdsServer {
     /// Streams end when this turns true, so a graceful server shutdown does not wait for proxies.
     shutdown: tokio::sync::watch::Receiver<bool>,
     max_decode: usize,
+    /// Limits how many streams may be in their initial push at once (connect storms).
+    admission: Arc<tokio::sync::Semaphore>,
 }
+
+/// Default number of streams that may receive their initial configuration at the same time.
+pub const DEFAULT_INITIAL_PUSHES: usize = 100;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -64,7 +69,15 @@ impl XdsServer {
             control_plane_id: format!("winmesh/{}", env!("CARGO_PKG_VERSION")).into(),
             shutdown: tokio::sync::watch::channel(false).1,
             max_decode: MAX_DECODE_BYTES,
+            admission: Arc::new(tokio::sync::Semaphore::new(DEFAULT_INITIAL_PUSHES)),
         }
+    }
+
+    /// At most `n` streams receive their initial push concurrently; the others wait their turn, so a
+    /// storm of reconnecting proxies does not make every push slow (istio#35263).
+    pub fn with_initial_push_limit(mut self, n: usize) -> Self {
+        self.admission = Arc::new(tokio::sync::Semaphore::new(n.max(1)));
+        self
     }
 
     /// Overrides the request size limit (default [`MAX_DECODE_BYTES`]).
@@ -141,6 +154,8 @@ impl XdsServer {
         tokio::pin!(shutdown);
         let mut registration = None;
         let mut current: Option<Arc<ResourceSnapshot>> = None;
+        // `None` before admission, `Some(Some(permit))` during the initial push, `Some(None)` after.
+        let mut admitted: Option<Option<tokio::sync::OwnedSemaphorePermit>> = None;
         let m = &self.metrics;
         'stream: loop {
             tokio::select! {
@@ -196,6 +211,14 @@ impl XdsServer {
                 registration = Some(self.clients.register(&node, peer, M::SERVICE, M::MODE));
             }
             notify.borrow_and_update();
+            if admitted.is_none() {
+                let permit = tokio::select! {
+                    p = self.admission.clone().acquire_owned() => p.ok(),
+                    _ = &mut shutdown => break 'stream,
+                    _ = tx.closed() => break 'stream,
+                };
+                admitted = Some(permit);
+            }
             if let Some(snap) = self.cache.snapshot_for(&node.id)
                 && !current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &snap))
             {
@@ -222,6 +245,12 @@ impl XdsServer {
             }
             if let Some(r) = &registration {
                 r.update(machine.status());
+            }
+            if machine.idle()
+                && let Some(slot) = admitted.as_mut()
+                && slot.take().is_some()
+            {
+                debug!(node = %node.id, "initial push complete");
             }
         }
         if let Some(node) = machine.node() {
@@ -330,6 +359,7 @@ trait Machine: Send + 'static {
     fn set_snapshot(&mut self, s: Arc<ResourceSnapshot>);
     fn node(&self) -> Option<&NodeInfo>;
     fn status(&self) -> Vec<TypeStatus>;
+    fn idle(&self) -> bool;
     fn encoded_len(r: &Self::Resp) -> usize {
         prost::Message::encoded_len(r)
     }
@@ -362,6 +392,9 @@ impl<const SDS: bool> Machine for Sotw<SDS> {
     fn status(&self) -> Vec<TypeStatus> {
         self.0.status()
     }
+    fn idle(&self) -> bool {
+        self.0.idle()
+    }
 }
 
 impl<const SDS: bool> Machine for Delta<SDS> {
@@ -387,6 +420,9 @@ impl<const SDS: bool> Machine for Delta<SDS> {
     }
     fn status(&self) -> Vec<TypeStatus> {
         self.0.status()
+    }
+    fn idle(&self) -> bool {
+        self.0.idle()
     }
 }
 
