@@ -37,7 +37,7 @@ unit:
 
 integration: envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
-	  $(CARGO) test --test '*' -- --test-threads 2
+	  timeout 1800 $(CARGO) test --test '*' -- --test-threads 2
 
 ## The Envoy-facing suites again, against each older Envoy release.
 compat:
@@ -49,7 +49,7 @@ compat:
 	  fi; \
 	  echo "== Envoy $$v"; \
 	  ENVOY_BIN="$$(ls $(CURDIR)/.venv-$$v/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
-	    $(CARGO) test --test golden --test gateway --test envoy_xds --test envoy_sds -- --test-threads 2; \
+	    timeout 900 $(CARGO) test --test golden --test gateway --test envoy_xds --test envoy_sds -- --test-threads 2; \
 	done
 
 windows:

@@ -85,6 +85,14 @@ async fn first_cert(rx: &mut watch::Receiver<SecretSet>) -> String {
     .await
 }
 
+/// The next published secret set, or a test failure after 20 s.
+async fn changed(rx: &mut watch::Receiver<SecretSet>) {
+    tokio::time::timeout(T, rx.changed())
+        .await
+        .expect("no new certificate within 20 s")
+        .expect("identity manager gone");
+}
+
 fn serial(rx: &watch::Receiver<SecretSet>) -> String {
     rx.borrow()
         .certs
@@ -140,7 +148,7 @@ async fn rotates_and_rereads_the_token_on_every_call() {
     std::fs::write(&s.token, "tok-gw-2").unwrap();
     let mut serials = vec![first];
     for _ in 0..2 {
-        rx.changed().await.unwrap();
+        changed(&mut rx).await;
         serials.push(serial(&rx));
     }
     serials.dedup();
@@ -277,7 +285,7 @@ async fn bad_answers_never_replace_a_good_certificate() {
         assert_eq!(serial(&rx), good, "{mode:?} replaced the certificate");
         assert!(!rx.has_changed().unwrap(), "{mode:?} published something");
         s.istiod.set_mode(Mode::Normal);
-        rx.changed().await.unwrap();
+        changed(&mut rx).await;
         assert_ne!(serial(&rx), good, "recovered after {mode:?}");
         assert_eq!(m.state(&id), Some(State::Available));
     }
