@@ -363,6 +363,30 @@ mod tests {
     }
 
     #[test]
+    fn plugged_in_ca_layout_with_the_root_inside_the_chain_verifies() {
+        // istiod with cacerts answers [leaf, cert-chain.pem (intermediate + root), root-cert.pem].
+        let root = DevCa::new_root("cluster.local").unwrap();
+        let inter = root.intermediate("plugged-in intermediate").unwrap();
+        let k = csr::generate(&id()).unwrap();
+        let mut chain = inter
+            .sign_csr(
+                &k.csr_pem,
+                &id(),
+                Duration::from_secs(3600),
+                SystemTime::now(),
+            )
+            .unwrap();
+        chain[1] = format!("{}{}", chain[1], root.cert_pem());
+        let b = verify_chain(&id(), k.key, &k.public_key_der, &chain, SystemTime::now()).unwrap();
+        assert_eq!(
+            b.chain_pem.len(),
+            3,
+            "leaf, intermediate, root as istiod sent them"
+        );
+        assert_eq!(b.roots.len(), 1);
+    }
+
+    #[test]
     fn root_persists_across_restarts_with_private_key_file() {
         let dir = tempfile::tempdir().unwrap();
         let a = DevCa::load_or_create(dir.path(), "cluster.local").unwrap();
