@@ -106,8 +106,8 @@ impl XdsMessage for Secret {
     }
 }
 
-/// One encoded resource. Cheap to clone (`Arc` + `Bytes`).
-#[derive(Debug)]
+/// One encoded resource. Cheap to clone (`Arc` + `Bytes`). Its `Debug` never shows the payload
+/// (secrets carry private keys).
 pub struct Resource {
     pub type_url: TypeUrl,
     pub name: String,
@@ -121,6 +121,17 @@ pub struct Resource {
     /// Resources Envoy re-fetches (warms) after this one changes: a cluster's EDS name, a listener's
     /// RDS route configuration names.
     pub warm_deps: Vec<String>,
+}
+
+impl std::fmt::Debug for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resource")
+            .field("type_url", &self.type_url)
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("bytes", &self.body.len())
+            .finish()
+    }
 }
 
 impl Resource {
@@ -450,6 +461,35 @@ pub(crate) mod tests {
         assert_eq!(errs.len(), 1);
         let s = b.build();
         assert_eq!(s.resources(TypeUrl::Cluster).len(), 3);
+    }
+
+    #[test]
+    fn debug_output_never_contains_payloads() {
+        use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            TlsCertificate, secret,
+        };
+        let s = Secret {
+            name: "default".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                private_key: Some(DataSource {
+                    specifier: Some(Specifier::InlineString(
+                        "-----BEGIN PRIVATE KEY----- TOPSECRET".into(),
+                    )),
+                    watched_directory: None,
+                }),
+                ..Default::default()
+            })),
+        };
+        let mut b = SnapshotBuilder::new();
+        b.add(&s).unwrap();
+        let builder_text = format!("{b:?}");
+        let text = format!("{builder_text} {:?}", b.build());
+        assert!(
+            !text.contains("TOPSECRET") && !text.contains("PRIVATE"),
+            "{text}"
+        );
+        assert!(text.contains("default"));
     }
 
     #[test]
