@@ -194,3 +194,138 @@ async fn certificates_rotate_under_traffic_sotw_secrets_over_ads() {
 async fn certificates_rotate_under_traffic_delta_secrets_over_sds() {
     rotation(XdsMode::Delta, SecretsVia::Sds).await;
 }
+
+/// Listeners wait for their certificates: until the CA has issued one, Envoy is not LIVE (its
+/// listeners keep warming); once the certificate exists, it serves. Checked in every protocol mode,
+/// because delta's "does not exist" answer would let Envoy go live without certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_wait_for_certificates_in_every_mode() {
+    support::init_tracing();
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    for (mode, via) in [
+        (XdsMode::Sotw, SecretsVia::Ads),
+        (XdsMode::Sotw, SecretsVia::Sds),
+        (XdsMode::Delta, SecretsVia::Ads),
+        (XdsMode::Delta, SecretsVia::Sds),
+    ] {
+        let mut cfg = Config::default();
+        cfg.xds.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.debug.listen = "127.0.0.1:0".parse().unwrap();
+        let (running, writer) = winmesh::app::start(&cfg).await.unwrap();
+        cfg.xds.listen = running.xds_addr;
+        let (sec_tx, sec_rx) = watch::channel(winmesh::identity::SecretSet::default());
+        let listener = support::fixtures::mtls_listener("https", "default", via, "secure");
+        let (_mesh_tx, mesh_rx) = watch::channel::<MeshResources>(Some(Arc::new(Translated {
+            listeners: vec![listener],
+            ..Default::default()
+        })));
+        let assembler = tokio::spawn(assemble::run(
+            writer,
+            mesh_rx,
+            sec_rx,
+            running.metrics.clone(),
+            running.shutdown_signal(),
+        ));
+        let boot = bootstrap_yaml(
+            &cfg,
+            &BootstrapOptions {
+                node_id: None,
+                mode: Some(mode),
+                token: None,
+            },
+        );
+        let envoy = Envoy::start(&bin, &boot).await;
+        // Give Envoy time to fetch everything it can; it must still be waiting for the certificate.
+        wait_for(
+            "SDS requested",
+            T,
+            || envoy.diagnostics(),
+            || async {
+                let (_, z) = winmesh::status::http_get(running.debug_addr, "/debug/syncz", None)
+                    .await
+                    .ok()?;
+                z.contains("\"default\"").then_some(())
+            },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(
+            !envoy.is_live().await,
+            "{mode:?}/{via:?}: Envoy went live without a certificate"
+        );
+        assert_eq!(envoy.stat("listener_manager.lds.update_rejected").await, 0);
+
+        let ca = Arc::new(DevCa::new_root("cluster.local").unwrap());
+        let (ids, mut rx) = IdentityManager::start(
+            ca.clone(),
+            Duration::from_secs(3600),
+            IdentitySpec {
+                id: SpiffeId::parse(GW).unwrap(),
+                token_file: None,
+            },
+            running.metrics.clone(),
+            Clock::new(),
+        );
+        tokio::time::timeout(T, rx.changed())
+            .await
+            .unwrap()
+            .unwrap();
+        sec_tx.send_replace(rx.borrow().clone());
+        wait_for(
+            "Envoy LIVE once the certificate exists",
+            T,
+            || envoy.diagnostics(),
+            || async { envoy.is_live().await.then_some(()) },
+        )
+        .await;
+        let addr = wait_for(
+            "https listener",
+            T,
+            || envoy.diagnostics(),
+            || envoy.listener_addr("https"),
+        )
+        .await;
+        let (key, chain) = ca
+            .issue(
+                &SpiffeId::parse("spiffe://cluster.local/ns/linux/sa/client").unwrap(),
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let client = MeshClient {
+            chain_pem: chain[..chain.len() - 1].concat(),
+            key_pem: key.expose().to_string(),
+            roots_pem: ca.roots_pem(),
+        };
+        let r = wait_for(
+            "served with the new certificate",
+            T,
+            || envoy.diagnostics(),
+            || {
+                let c = client.clone();
+                async move {
+                    c.get(
+                        addr,
+                        "gw",
+                        &["http/1.1"],
+                        SanCheck::Exact(vec![GW.into()]),
+                        "/",
+                    )
+                    .await
+                    .ok()
+                }
+            },
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "secure"),
+            "{mode:?}/{via:?}"
+        );
+        drop(ids);
+        envoy.stop().await;
+        running.stop().await;
+        let _ = assembler.await;
+    }
+}

@@ -232,7 +232,13 @@ impl DeltaStream {
             v.sort();
             v
         };
-        // Subscribed names that do not exist: tell the client once, keep the subscription.
+        // Subscribed names that do not exist: tell the client once, keep the subscription. Not for
+        // secrets: "does not exist" lets Envoy finish warming a listener or cluster without its
+        // certificate, whereas an unanswered secret keeps it waiting (`initial_fetch_timeout: 0s`)
+        // until the certificate is issued, as istio-agent's SDS server does.
+        if t == TypeUrl::Secret {
+            return (updates, removed, Vec::new());
+        }
         let missing: Vec<String> = st
             .sub
             .names
@@ -253,7 +259,8 @@ impl DeltaStream {
         if !st.requested {
             return false;
         }
-        if st.must_answer {
+        // A subscription is always answered, except to say a secret does not exist (see `changes`).
+        if st.must_answer && t != TypeUrl::Secret {
             return true;
         }
         let (u, r, _) = self.changes(t);

@@ -315,3 +315,22 @@ fn sds_stream_serves_only_secrets() {
         Err(StreamError::WrongTypeUrl { .. })
     ));
 }
+
+#[test]
+fn missing_secrets_are_awaited_not_reported() {
+    // Reporting a secret as removed would let Envoy activate a listener without its certificate.
+    let mut fx = Fx::new(&["a"], "a");
+    let mut s = DeltaStream::new_sds("winmesh");
+    s.set_snapshot(fx.build());
+    s.handle_request(&first(Secret, &["default", "ROOTCA"]), Instant::now())
+        .unwrap();
+    assert!(
+        drain(&mut s).is_empty(),
+        "no answer until the certificate exists"
+    );
+    fx.secrets = vec![("default".into(), 1), ("ROOTCA".into(), 1)];
+    s.set_snapshot(fx.build());
+    let (r, _) = take(&mut s, Secret);
+    assert_eq!(updated(&r), vec!["ROOTCA", "default"]);
+    assert!(r.removed_resources.is_empty());
+}

@@ -461,3 +461,19 @@ fn reconnect_with_same_snapshot_gives_same_versions() {
         .unwrap();
     assert_eq!(one(&mut s2, Cluster).version_info, v1);
 }
+
+#[test]
+fn missing_secrets_are_awaited() {
+    let mut fx = Fx::new(&["a"], "a");
+    let mut s = SotwStream::new_sds("winmesh");
+    s.set_snapshot(fx.build());
+    s.handle_request(&first_req(Secret, &["default"]), Instant::now())
+        .unwrap();
+    assert!(
+        drain(&mut s).is_empty(),
+        "no answer until the certificate exists"
+    );
+    fx.secrets = vec![("default".into(), 1)];
+    s.set_snapshot(fx.build());
+    assert_eq!(resp_names(&one(&mut s, Secret)), vec!["default"]);
+}
