@@ -277,6 +277,16 @@ pub struct GatewaySettings {
     pub outbound_port: u16,
 }
 
+impl GatewaySettings {
+    /// Whether a port used on both the mesh-facing and the Windows-facing address would clash
+    /// (same address, or either is a wildcard).
+    pub fn addresses_overlap(&self) -> bool {
+        self.inbound_address == self.outbound_address
+            || self.inbound_address.is_unspecified()
+            || self.outbound_address.is_unspecified()
+    }
+}
+
 /// The whole mesh as winmesh serves it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Mesh {

@@ -384,9 +384,7 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
         }
         let gateway_port = p.gateway_port.unwrap_or(p.port);
         check_port("gateway_port", gateway_port)?;
-        if gateway_port == s.gateway.outbound_port
-            && s.gateway.inbound_address == s.gateway.outbound_address
-        {
+        if gateway_port == s.gateway.outbound_port && s.gateway.addresses_overlap() {
             return Err(format!(
                 "ports[{}]: gateway_port {gateway_port} is the outbound HTTP port",
                 p.name
@@ -573,8 +571,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
                     continue;
                 }
                 if let Some(lp) = w.ports.iter().find(|p| {
-                    local_ports.contains_key(&p.gateway_port)
-                        && s.gateway.inbound_address == s.gateway.outbound_address
+                    local_ports.contains_key(&p.gateway_port) && s.gateway.addresses_overlap()
                 }) {
                     reject(
                         "windows_service",

@@ -483,3 +483,22 @@ fn identical_input_gives_identical_bytes() {
         assert_eq!(first, again);
     }
 }
+
+#[test]
+fn a_gateway_port_may_not_reuse_the_windows_facing_ports() {
+    // Inbound binds 0.0.0.0 in `settings()`, so it clashes with the outbound 127.0.0.1:15001.
+    let (mesh, errs) = parse(
+        "windows_services:\n  - {name: w, namespace: win, ports: [{name: http, port: 15001}], backends: [10.0.0.1]}\n",
+        &settings(),
+    )
+    .unwrap();
+    assert!(mesh.windows_services.is_empty());
+    assert!(errs[0].message.contains("outbound HTTP port"), "{errs:?}");
+    let (mesh, errs) = parse(
+        "services:\n  - {name: s, namespace: a, ports: [{name: tcp, port: 5432, local_port: 25432}]}\nwindows_services:\n  - {name: w, namespace: win, ports: [{name: tcp, port: 25432}], backends: [10.0.0.1]}\n",
+        &settings(),
+    )
+    .unwrap();
+    assert_eq!(mesh.services.len(), 1);
+    assert!(mesh.windows_services.is_empty(), "{errs:?}");
+}
