@@ -290,3 +290,47 @@ async fn bad_answers_never_replace_a_good_certificate() {
         assert_eq!(m.state(&id), Some(State::Available));
     }
 }
+
+/// With istiod, an identity a Windows service presents needs its own token; without one winmesh says
+/// so in the log and in /debug/registryz instead of leaving a listener silently waiting.
+#[tokio::test]
+async fn an_identity_without_a_token_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    std::fs::write(dir.path().join("root.pem"), "").unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        "windows_services:\n  - name: w\n    namespace: win\n    identity: spiffe://cluster.local/ns/win/sa/w\n    ports: [{name: http, port: 8080}]\n    backends: [127.0.0.1]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("winmesh.yaml"),
+        "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  token_file: token\n\
+         ca:\n  mode: istiod\n  address: 127.0.0.1:9\n  root_cert_file: root.pem\n  timeout: 1s\n\
+         mesh:\n  file: mesh.yaml\n  poll_interval: 100ms\ngateway:\n  inbound_address: 127.0.0.1\n",
+    )
+    .unwrap();
+    let cfg = winmesh::config::Config::load(&dir.path().join("winmesh.yaml")).unwrap();
+    let server = winmesh::serve::start(cfg).await.unwrap();
+    let reg = wait_for(
+        "warning in registryz",
+        T,
+        || async { String::new() },
+        || async {
+            let (_, r) =
+                winmesh::status::http_get(server.running.debug_addr, "/debug/registryz", None)
+                    .await
+                    .ok()?;
+            r.contains("has no token").then_some(r)
+        },
+    )
+    .await;
+    assert!(reg.contains("spiffe://cluster.local/ns/win/sa/w"), "{reg}");
+    // And winmesh is honest about readiness: no gateway certificate from an unreachable istiod.
+    let (code, body) = winmesh::status::http_get(server.running.debug_addr, "/readyz", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("identity: not ready"), "{body}");
+    server.stop().await;
+}

@@ -98,6 +98,8 @@ async fn translate_loop(
     mesh_tx: watch::Sender<MeshResources>,
     identity: Option<Arc<IdentityManager>>,
     config_extra: Vec<IdentitySpec>,
+    // istiod needs a token per identity; the dev CA does not.
+    needs_tokens: bool,
     registry: Arc<std::sync::RwLock<serde_json::Value>>,
     readiness: Arc<crate::debug::Readiness>,
     metrics: Arc<Metrics>,
@@ -105,17 +107,18 @@ async fn translate_loop(
     loop {
         let st = states.borrow_and_update().clone();
         if let Some(mesh) = &st.mesh {
-            let (translated, warnings) = translate(mesh, &ctx);
-            metrics.set(
-                "winmesh_translation_warnings",
-                "Things left out of the generated config.",
-                &[],
-                warnings.len() as f64,
-            );
+            let (translated, mut warnings) = translate(mesh, &ctx);
             if let Some(m) = &identity {
                 let mut specs = config_extra.clone();
                 for id in mesh.identities() {
                     if !specs.iter().any(|s| s.id == id) {
+                        if needs_tokens && id != ctx.default_identity {
+                            let w = format!(
+                                "identity {id} (used by a Windows service) has no token: add it to identity.extra with a token_file, or its listener waits for a certificate forever"
+                            );
+                            tracing::warn!("{w}");
+                            warnings.push(w);
+                        }
                         specs.push(IdentitySpec {
                             id,
                             token_file: None,
@@ -124,6 +127,12 @@ async fn translate_loop(
                 }
                 m.set_identities(specs);
             }
+            metrics.set(
+                "winmesh_translation_warnings",
+                "Things left out of, or unusable in, the generated config.",
+                &[],
+                warnings.len() as f64,
+            );
             if let Ok(mut r) = registry.write() {
                 *r = serde_json::json!({
                     "generation": st.generation,
@@ -255,6 +264,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         mesh_tx,
         identity.clone(),
         config_extra,
+        cfg.ca.as_ref().is_some_and(|c| c.mode == CaMode::Istiod),
         registry,
         running.readiness.clone(),
         metrics.clone(),
