@@ -74,6 +74,7 @@ fn main() {
     };
     let ctx = Ctx {
         secrets_via: winmesh::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/win/sa/gw").unwrap(),
     };
     let metrics = Metrics::new();

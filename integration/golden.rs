@@ -36,6 +36,7 @@ fn translate_file(path: &Path, via: SecretsVia) -> Translated {
     assert!(rejected.is_empty(), "{rejected:?}");
     let ctx = Ctx {
         secrets_via: via,
+        trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/winmesh-gateway")
             .unwrap(),
     };

@@ -80,6 +80,8 @@ impl Default for GatewayConfig {
 pub struct IdentityConfig {
     /// Trust domain of the mesh (Istio's `trustDomain`).
     pub trust_domain: String,
+    /// Istio's `trustDomainAliases`: callers from these trust domains are accepted too.
+    pub trust_domain_aliases: Vec<String>,
     /// Namespace of the gateway's service account.
     pub namespace: String,
     /// The gateway's service account; its identity is `spiffe://<trust_domain>/ns/<namespace>/sa/<sa>`.
@@ -211,6 +213,7 @@ impl Default for IdentityConfig {
     fn default() -> Self {
         IdentityConfig {
             trust_domain: "cluster.local".into(),
+            trust_domain_aliases: vec![],
             namespace: "winmesh".into(),
             service_account: "winmesh-gateway".into(),
             token_file: None,
@@ -463,6 +466,20 @@ impl Config {
         self.identity
             .spiffe_id()
             .map_err(|e| err("identity", e.to_string()))?;
+        for (i, td) in self.identity.trust_domain_aliases.iter().enumerate() {
+            let ok = !td.is_empty()
+                && td.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')
+                });
+            if !ok {
+                return Err(err(
+                    &format!("identity.trust_domain_aliases[{i}]"),
+                    format!(
+                        "{td:?} is not a trust domain (lowercase letters, digits, '-', '.', '_')"
+                    ),
+                ));
+            }
+        }
         if self.identity.ttl < Duration::from_secs(2)
             || self.identity.ttl > Duration::from_secs(90 * 86400)
         {

@@ -239,6 +239,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let ctx = Ctx {
         secrets_via: cfg.xds.secrets,
         default_identity: cfg.identity.spiffe_id()?,
+        trust_domain_aliases: cfg.identity.trust_domain_aliases.clone(),
     };
     let config_extra = cfg
         .identity

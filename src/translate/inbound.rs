@@ -144,7 +144,10 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated) {
                 require_client_certificate: Some(BoolValue { value: true }),
                 common_tls_context: Some(common_tls(
                     &cert,
-                    vec![uri_san(prefix(&format!("spiffe://{}/", mesh.trust_domain)))],
+                    std::iter::once(&mesh.trust_domain)
+                        .chain(ctx.trust_domain_aliases.iter())
+                        .map(|td| uri_san(prefix(&format!("spiffe://{td}/"))))
+                        .collect(),
                     alpn,
                     ctx.secrets_via,
                 )),

@@ -19,6 +19,8 @@ pub struct Ctx {
     pub secrets_via: SecretsVia,
     /// The gateway's own identity (served as SDS `default`).
     pub default_identity: SpiffeId,
+    /// Other trust domains whose workloads are accepted as mesh callers (Istio's trust-domain aliases).
+    pub trust_domain_aliases: Vec<String>,
 }
 
 impl Ctx {

@@ -71,6 +71,7 @@ fn translated() -> Translated {
     assert!(errs.is_empty(), "{errs:?}");
     let ctx = Ctx {
         secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
     };
     translate(&mesh, &ctx).0
@@ -465,6 +466,7 @@ fn identical_input_gives_identical_bytes() {
     let (mesh, _) = parse(&text, &settings()).unwrap();
     let ctx = Ctx {
         secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
     };
     let first: Vec<Vec<u8>> = translate(&mesh, &ctx)
@@ -501,4 +503,46 @@ fn a_gateway_port_may_not_reuse_the_windows_facing_ports() {
     .unwrap();
     assert_eq!(mesh.services.len(), 1);
     assert!(mesh.windows_services.is_empty(), "{errs:?}");
+}
+
+#[test]
+fn trust_domain_aliases_are_accepted_callers() {
+    let (mesh, _) = parse(MESH, &settings()).unwrap();
+    let ctx = Ctx {
+        secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec!["old.example".into()],
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    };
+    let (t, _) = translate(&mesh, &ctx);
+    let l = listener(&t, "winmesh_inbound_15443");
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+        any,
+    )) = &l.filter_chains[0]
+        .transport_socket
+        .as_ref()
+        .unwrap()
+        .config_type
+    else {
+        panic!()
+    };
+    let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+    let Some(ValidationContextType::CombinedValidationContext(v)) =
+        tls.common_tls_context.unwrap().validation_context_type
+    else {
+        panic!()
+    };
+    let prefixes: Vec<_> = v
+        .default_validation_context
+        .unwrap()
+        .match_typed_subject_alt_names
+        .into_iter()
+        .map(|m| m.matcher.unwrap().match_pattern.unwrap())
+        .collect();
+    assert_eq!(
+        prefixes,
+        vec![
+            MatchPattern::Prefix("spiffe://cluster.local/".into()),
+            MatchPattern::Prefix("spiffe://old.example/".into()),
+        ]
+    );
 }
