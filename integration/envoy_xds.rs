@@ -156,6 +156,17 @@ async fn initial_config_arrives_over_sotw_and_delta() {
             dump["configs"][0]["dynamic_active_clusters"][0]["cluster"]["name"],
             "a"
         );
+        // istiod's parameter name selects the same node's view.
+        let (code, by_proxy_id) = winmesh::status::http_get(
+            running.debug_addr,
+            &format!("/debug/config_dump?proxyID=gw-{mode:?}"),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 200);
+        let by_proxy_id: Value = serde_json::from_str(&by_proxy_id).unwrap();
+        assert_eq!(by_proxy_id["configs"], dump["configs"]);
         // Metrics count the connected proxy and the pushes.
         let (_, metrics) = winmesh::status::http_get(running.debug_addr, "/metrics", None)
             .await

@@ -1,5 +1,5 @@
 //! Read-only debug HTTP server (loopback by default): `/healthz`, `/readyz`, `/metrics`,
-//! `/debug/syncz`, `/debug/config_dump?node=ID`, and named JSON views that other modules register
+//! `/debug/syncz`, `/debug/config_dump?node=ID` (or `?proxyID=ID`, as on istiod), and named JSON views that other modules register
 //! (`/debug/certs`, `/debug/registryz`). With a token configured, everything but the health probes
 //! requires `Authorization: Bearer <token>`. Nothing here can change state, and no view contains key
 //! material.
@@ -148,6 +148,8 @@ async fn syncz(State(s): State<DebugState>, headers: HeaderMap) -> Response {
 
 #[derive(Deserialize)]
 struct DumpQuery {
+    /// `proxyID` is istiod's name for the same parameter; operators type it by habit.
+    #[serde(alias = "proxyID")]
     node: Option<String>,
 }
 
