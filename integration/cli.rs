@@ -178,6 +178,7 @@ fn manifests_carry_a_valid_config_and_mesh_file() {
     let settings = winmesh::discovery::file::FileSettings {
         trust_domain: "cluster.local".into(),
         domain_suffix: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
         gateway: winmesh::model::GatewaySettings {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "0.0.0.0".parse().unwrap(),

@@ -800,3 +800,100 @@ async fn a_broken_mesh_file_keeps_serving_the_last_good_model() {
     let _ = w.sc_inbound;
     w.stop().await;
 }
+
+/// Windows → Linux auto-mTLS as an Istio client does it: endpoints without `tlsMode: istio` get
+/// plaintext; a mesh-wide PeerAuthentication DISABLE (root namespace) makes labelled endpoints
+/// plaintext too, and a namespace policy overrides the mesh-wide one. The Linux app here has no
+/// sidecar, so a request only succeeds when the gateway really sends plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_to_linux_plaintext_follows_tls_mode_and_peer_authentication() {
+    support::init_tracing();
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Backend::start("plainapp").await;
+    let out_port = free_port();
+    let mesh = |policies: &str| {
+        format!(
+            "services:
+  - name: unlabeled
+    namespace: legacy
+    ports: [{{name: http, port: 8080}}]
+    endpoints: [{{address: 127.0.0.1, ports: {{http: {p}}}, tls_mode: disabled}}]
+  - name: labeled
+    namespace: legacy
+    ports: [{{name: http, port: 8081}}]
+    endpoints: [{{address: 127.0.0.1, ports: {{http: {p}}}, service_account: legacy}}]
+peer_authentications:
+{policies}",
+            p = plain.addr.port()
+        )
+    };
+    let mesh_file = dir.path().join("mesh.yaml");
+    let write_mesh = |text: String| {
+        let tmp = dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &mesh_file).unwrap();
+    };
+    write_mesh(mesh("  - {namespace: istio-system, mode: DISABLE}\n"));
+    let cfg_text = format!(
+        "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
+         ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n\
+         gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n",
+        dir.path().join("dev-ca").display(),
+        mesh_file.display()
+    );
+    let cfg_path = dir.path().join("winmesh.yaml");
+    std::fs::write(&cfg_path, cfg_text).unwrap();
+    let mut cfg = Config::load(&cfg_path).expect("config");
+    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
+    cfg.xds.listen = server.running.xds_addr;
+    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+    let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let get = |host: &'static str| async move {
+        let r = reqwest::Client::new()
+            .get(format!("http://{gw_out}/"))
+            .header("host", host)
+            .send()
+            .await
+            .ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.text().await.unwrap_or_default()))
+    };
+
+    // Mesh-wide DISABLE: both endpoints get plaintext.
+    for host in ["unlabeled.legacy:8080", "labeled.legacy:8081"] {
+        let (_, body) = wait_for(
+            &format!("plaintext to {host}"),
+            T,
+            || gateway.diagnostics(),
+            || async { get(host).await.filter(|(c, _)| *c == 200) },
+        )
+        .await;
+        assert_eq!(body, "plainapp");
+    }
+
+    // STRICT in the destination namespace overrides the mesh-wide DISABLE: the labelled endpoint now
+    // gets Istio mTLS, which a sidecar-less app cannot answer; the unlabelled one stays plaintext.
+    write_mesh(mesh(
+        "  - {namespace: istio-system, mode: DISABLE}\n  - {namespace: legacy, mode: STRICT}\n",
+    ));
+    wait_for(
+        "labelled endpoint switched to mTLS",
+        T,
+        || gateway.diagnostics(),
+        || async { get("labeled.legacy:8081").await.filter(|(c, _)| *c == 503) },
+    )
+    .await;
+    // The gateway really attempted TLS towards the plain app (handshake errors on that cluster).
+    let tls_errors = gateway
+        .stat("cluster.outbound|8081||labeled.legacy.svc.cluster.local.ssl.connection_error")
+        .await;
+    assert!(tls_errors > 0, "{}", gateway.diagnostics().await);
+    let (code, body) = get("unlabeled.legacy:8080").await.expect("unlabeled");
+    assert_eq!((code, body.as_str()), (200, "plainapp"));
+
+    gateway.stop().await;
+    server.stop().await;
+}

@@ -26,6 +26,7 @@ fn translate_file(path: &Path, via: SecretsVia) -> Translated {
     let settings = FileSettings {
         trust_domain: "cluster.local".into(),
         domain_suffix: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
         gateway: GatewaySettings {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "127.0.0.1".parse().unwrap(),

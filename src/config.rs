@@ -41,6 +41,8 @@ pub struct MeshConfig {
     pub poll_interval: Duration,
     /// Kubernetes cluster domain (`<name>.<ns>.svc.<domain_suffix>`).
     pub domain_suffix: String,
+    /// Istio's root namespace (MeshConfig `rootNamespace`): a PeerAuthentication there is mesh-wide.
+    pub root_namespace: String,
 }
 
 impl Default for MeshConfig {
@@ -49,6 +51,7 @@ impl Default for MeshConfig {
             file: None,
             poll_interval: Duration::from_secs(1),
             domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
         }
     }
 }
@@ -551,6 +554,20 @@ impl Config {
                 format!("{:?} is not a DNS suffix", self.mesh.domain_suffix),
             ));
         }
+        let ns = &self.mesh.root_namespace;
+        if ns.is_empty()
+            || ns.len() > 63
+            || ns.starts_with('-')
+            || ns.ends_with('-')
+            || !ns
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(err(
+                "mesh.root_namespace",
+                format!("{ns:?} is not a Kubernetes namespace name"),
+            ));
+        }
         if let Some(f) = &self.mesh.file
             && !f.is_file()
         {
@@ -691,6 +708,16 @@ mod tests {
             c.identity.spiffe_id().unwrap().to_string(),
             "spiffe://cluster.local/ns/winmesh/sa/winmesh-gateway"
         );
+    }
+
+    #[test]
+    fn root_namespace_is_a_namespace_name() {
+        let c = Config::parse("", "c.yaml").unwrap();
+        assert_eq!(c.mesh.root_namespace, "istio-system");
+        let c = Config::parse("mesh:\n  root_namespace: mesh-root\n", "c.yaml").unwrap();
+        assert_eq!(c.mesh.root_namespace, "mesh-root");
+        let e = Config::parse("mesh:\n  root_namespace: Istio_System\n", "c.yaml").unwrap_err();
+        assert_eq!(e.field, "mesh.root_namespace");
     }
 
     #[test]

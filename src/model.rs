@@ -202,16 +202,20 @@ pub struct WindowsService {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum MtlsMode {
+    /// Inherit from the parent: a port from its namespace, a namespace from the mesh-wide policy.
+    Unset,
     Strict,
     Permissive,
     Disable,
 }
 
-/// PeerAuthentication for a namespace (optionally per port).
+/// PeerAuthentication for a namespace (optionally per workload port). A policy in the mesh's root
+/// namespace (Istio's `rootNamespace`, default `istio-system`) is the mesh-wide default.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PeerAuthentication {
     pub namespace: String,
     pub mode: MtlsMode,
+    /// Keyed by the workload's (endpoint's) port, as Istio's `portLevelMtls` is.
     pub port_modes: BTreeMap<u16, MtlsMode>,
 }
 
@@ -291,6 +295,8 @@ impl GatewaySettings {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Mesh {
     pub trust_domain: String,
+    /// Istio's root namespace: a PeerAuthentication there applies mesh-wide.
+    pub root_namespace: String,
     pub gateway: GatewaySettings,
     pub services: Vec<Service>,
     pub windows_services: Vec<WindowsService>,
@@ -299,14 +305,29 @@ pub struct Mesh {
 }
 
 impl Mesh {
-    /// How a client sends to `namespace`:`port`, by the destination's PeerAuthentication. Only DISABLE
-    /// makes clients send plaintext; STRICT and PERMISSIVE leave it to the endpoint's tlsMode.
+    /// The effective PeerAuthentication mode of a workload in `namespace` listening on `port` (its
+    /// endpoint port), with Istio's precedence: the namespace's port-level mode, then the namespace's
+    /// mode, then the mesh-wide policy in the root namespace; `UNSET` defers to the next; nothing set
+    /// means PERMISSIVE.
+    pub fn effective_mtls(&self, namespace: &str, port: u16) -> MtlsMode {
+        let set = |m: MtlsMode| (m != MtlsMode::Unset).then_some(m);
+        let of = |ns: &str| self.peer_authentications.iter().find(|p| p.namespace == ns);
+        let local = of(namespace).and_then(|p| {
+            p.port_modes
+                .get(&port)
+                .copied()
+                .and_then(set)
+                .or_else(|| set(p.mode))
+        });
+        local
+            .or_else(|| of(&self.root_namespace).and_then(|p| set(p.mode)))
+            .unwrap_or(MtlsMode::Permissive)
+    }
+
+    /// Whether an Istio client sends plaintext to a workload in `namespace` on endpoint `port`: only an
+    /// effective DISABLE does; STRICT and PERMISSIVE leave it to the endpoint's tlsMode.
     pub fn client_sends_plaintext(&self, namespace: &str, port: u16) -> bool {
-        self.peer_authentications
-            .iter()
-            .find(|p| p.namespace == namespace)
-            .map(|p| p.port_modes.get(&port).copied().unwrap_or(p.mode) == MtlsMode::Disable)
-            .unwrap_or(false)
+        self.effective_mtls(namespace, port) == MtlsMode::Disable
     }
 
     /// Policies that apply to a Windows service.

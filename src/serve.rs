@@ -203,6 +203,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
     let settings = FileSettings {
         trust_domain: cfg.identity.trust_domain.clone(),
         domain_suffix: cfg.mesh.domain_suffix.clone(),
+        root_namespace: cfg.mesh.root_namespace.clone(),
         gateway: GatewaySettings {
             inbound_address: cfg.gateway.inbound_address,
             outbound_address: cfg.gateway.outbound_address,

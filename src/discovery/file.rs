@@ -117,9 +117,14 @@ struct PortMode {
 #[serde(deny_unknown_fields)]
 struct PeerAuthDoc {
     namespace: String,
+    #[serde(default = "unset")]
     mode: MtlsMode,
     #[serde(default, alias = "portLevelMtls")]
     port_level_mtls: BTreeMap<u16, PortMode>,
+}
+
+fn unset() -> MtlsMode {
+    MtlsMode::Unset
 }
 
 /// Istio ports are strings in YAML; accept numbers too.
@@ -213,6 +218,8 @@ fn allow() -> Action {
 pub struct FileSettings {
     pub trust_domain: String,
     pub domain_suffix: String,
+    /// Istio's root namespace (mesh-wide PeerAuthentication lives there).
+    pub root_namespace: String,
     pub gateway: GatewaySettings,
 }
 
@@ -505,6 +512,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
     let mut errors = Vec::new();
     let mut mesh = Mesh {
         trust_domain: s.trust_domain.clone(),
+        root_namespace: s.root_namespace.clone(),
         gateway: s.gateway.clone(),
         services: vec![],
         windows_services: vec![],
@@ -596,6 +604,19 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
             Ok(d) => {
                 if let Err(m) = check_name("namespace", &d.namespace) {
                     reject("peer_authentication", v, i, m);
+                    continue;
+                }
+                if d.namespace == s.root_namespace && !d.port_level_mtls.is_empty() {
+                    reject(
+                        "peer_authentication",
+                        v,
+                        i,
+                        format!(
+                            "port_level_mtls: the mesh-wide PeerAuthentication (root namespace {}) \
+                             cannot have port-level modes",
+                            s.root_namespace
+                        ),
+                    );
                     continue;
                 }
                 if mesh

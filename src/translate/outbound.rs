@@ -6,12 +6,13 @@
 //! metadata and clusters use `transport_socket_matches`, as Istio's auto-mTLS does: `tlsMode: istio`
 //! endpoints get Istio mTLS (SNI `outbound_.<port>_._.<fqdn>`, a fixed ALPN per protocol, the gateway
 //! certificate, `ROOTCA` + the exact SANs of the destination's service accounts); others get plaintext.
-//! A destination namespace with PeerAuthentication DISABLE gets plaintext. TCP services can have a local
-//! TCP port.
+//! An endpoint whose effective PeerAuthentication is DISABLE (its namespace's, by its port, else the
+//! mesh-wide one in the root namespace) gets plaintext. TCP services can have a local TCP port.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::Metadata;
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, retry_policy,
@@ -25,7 +26,9 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy::ClusterSpecifier,
 };
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
-use envoy_types::pb::google::protobuf::{BoolValue, Struct, UInt32Value, Value, value::Kind};
+use envoy_types::pb::google::protobuf::{
+    BoolValue, ListValue, Struct, UInt32Value, Value, value::Kind,
+};
 use tracing::warn;
 
 use super::Ctx;
@@ -86,28 +89,62 @@ fn cluster_for(
 ) -> String {
     let name = outbound_cluster_name(p.port, &svc.host);
     let mut c = eds_cluster(&name, p.protocol.is_http2());
-    let plaintext = mesh.client_sends_plaintext(&svc.namespace, p.port);
-    if !plaintext {
-        c.transport_socket_matches = vec![
-            mtls_socket_match(svc, p, mesh, ctx),
-            TransportSocketMatch {
-                name: "tlsMode-disabled".into(),
-                r#match: Some(Struct::default()),
-                transport_socket: Some(raw_buffer()),
-            },
-        ];
-    }
-    out.clusters.push(c);
+    c.transport_socket_matches = vec![
+        mtls_socket_match(svc, p, mesh, ctx),
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: Some(raw_buffer()),
+        },
+    ];
+    // As Istio's endpoint builder does: an endpoint whose effective PeerAuthentication (by its own
+    // port) is DISABLE loses its tlsMode label, so the plaintext socket match applies to it.
+    let mut plaintext_ports = BTreeSet::new();
     let eps: Vec<Ep> = svc
         .endpoints
         .iter()
         .filter(|e| e.ready)
-        .map(|e| Ep {
-            ip: e.address,
-            port: e.ports.get(&p.name).copied().unwrap_or(p.target_port),
-            tls_mode_istio: !plaintext && e.tls_mode == TlsMode::Istio,
+        .map(|e| {
+            let port = e.ports.get(&p.name).copied().unwrap_or(p.target_port);
+            let disabled = mesh.client_sends_plaintext(&svc.namespace, port);
+            if disabled {
+                plaintext_ports.insert(port);
+            }
+            Ep {
+                ip: e.address,
+                port,
+                tls_mode_istio: e.tls_mode == TlsMode::Istio && !disabled,
+            }
         })
         .collect();
+    // Envoy applies an endpoint's new metadata to new connections only; pooled ones keep their old
+    // transport. Recording the PeerAuthentication outcome on the cluster makes a policy change
+    // replace the cluster, and with it the connection pools, so STRICT ⇄ DISABLE takes effect at once.
+    if !plaintext_ports.is_empty() {
+        let ports = plaintext_ports
+            .iter()
+            .map(|p| Value {
+                kind: Some(Kind::NumberValue(f64::from(*p))),
+            })
+            .collect();
+        c.metadata = Some(Metadata {
+            filter_metadata: [(
+                "winmesh".to_string(),
+                Struct {
+                    fields: [(
+                        "peer_authentication_disabled_ports".to_string(),
+                        Value {
+                            kind: Some(Kind::ListValue(ListValue { values: ports })),
+                        },
+                    )]
+                    .into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        });
+    }
+    out.clusters.push(c);
     out.endpoints.push(cla(&name, &eps));
     name
 }

@@ -2,6 +2,8 @@
 //! integration/golden.rs).
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
 use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager,
@@ -15,12 +17,13 @@ use prost::Message;
 
 use super::*;
 use crate::discovery::file::{FileSettings, parse};
-use crate::model::GatewaySettings;
+use crate::model::{GatewaySettings, MtlsMode};
 
 fn settings() -> FileSettings {
     FileSettings {
         trust_domain: "cluster.local".into(),
         domain_suffix: "cluster.local".into(),
+        root_namespace: "istio-system".into(),
         gateway: GatewaySettings {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "127.0.0.1".parse().unwrap(),
@@ -297,11 +300,34 @@ fn outbound_clusters_are_istio_client_side() {
             .contains_key("envoy.transport_socket_match")
     );
     assert!(eps[1].metadata.is_none());
-    // PeerAuthentication DISABLE in the destination namespace: plaintext.
+    // PeerAuthentication DISABLE in the destination namespace: its endpoints lose the tlsMode label (as
+    // in Istio's endpoint builder), so the plaintext socket match applies.
+    let legacy = "outbound|80||legacy.plain.svc.cluster.local";
+    assert_eq!(cluster(&t, legacy).transport_socket_matches.len(), 2);
+    let legacy_cla = t
+        .endpoints
+        .iter()
+        .find(|c| c.cluster_name == legacy)
+        .unwrap();
+    assert_eq!(legacy_cla.endpoints[0].lb_endpoints.len(), 1);
+    assert!(legacy_cla.endpoints[0].lb_endpoints[0].metadata.is_none());
+    // The policy outcome is part of the cluster, so changing it replaces Envoy's connection pools;
+    // clusters without a DISABLE outcome carry nothing extra.
+    let marker = cluster(&t, legacy)
+        .metadata
+        .as_ref()
+        .unwrap()
+        .filter_metadata["winmesh"]
+        .fields["peer_authentication_disabled_ports"]
+        .clone();
+    assert_eq!(
+        format!("{marker:?}").matches("NumberValue(80.0)").count(),
+        1
+    );
     assert!(
-        cluster(&t, "outbound|80||legacy.plain.svc.cluster.local")
-            .transport_socket_matches
-            .is_empty()
+        cluster(&t, "outbound|9080||reviews.default.svc.cluster.local")
+            .metadata
+            .is_none()
     );
     // The TCP port has a local listener.
     assert!(
@@ -452,6 +478,117 @@ fn peer_authentication_only_disable_means_plaintext() {
     assert!(!mesh.client_sends_plaintext("b", 80));
     assert!(mesh.client_sends_plaintext("c", 80));
     assert!(!mesh.client_sends_plaintext("nobody", 80));
+}
+
+#[test]
+fn peer_authentication_precedence_follows_istio() {
+    let (mesh, errs) = parse(
+        "peer_authentications:
+  - {namespace: istio-system, mode: DISABLE}
+  - {namespace: strict, mode: STRICT}
+  - {namespace: inherits, mode: UNSET, port_level_mtls: {9000: {mode: STRICT}}}
+  - {namespace: no-mode, port_level_mtls: {9000: {mode: UNSET}, 9001: {mode: PERMISSIVE}}}
+",
+        &settings(),
+    )
+    .unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    // The root namespace's policy is the mesh-wide default.
+    assert!(mesh.client_sends_plaintext("anywhere", 80));
+    assert!(mesh.client_sends_plaintext("istio-system", 80));
+    assert_eq!(mesh.effective_mtls("anywhere", 80), MtlsMode::Disable);
+    // A namespace policy overrides it.
+    assert!(!mesh.client_sends_plaintext("strict", 80));
+    // UNSET (or no mode) inherits the mesh-wide mode; a port-level mode wins for its port.
+    assert!(mesh.client_sends_plaintext("inherits", 80));
+    assert!(!mesh.client_sends_plaintext("inherits", 9000));
+    assert!(mesh.client_sends_plaintext("no-mode", 9000));
+    assert!(!mesh.client_sends_plaintext("no-mode", 9001));
+
+    // Without any policy the mesh is PERMISSIVE: the endpoint's tlsMode decides.
+    let (empty, _) = parse("", &settings()).unwrap();
+    assert_eq!(empty.effective_mtls("x", 80), MtlsMode::Permissive);
+
+    // The root namespace is configurable.
+    let mut custom = settings();
+    custom.root_namespace = "mesh-root".into();
+    let (m, _) = parse(
+        "peer_authentications: [{namespace: istio-system, mode: DISABLE}, {namespace: mesh-root, mode: STRICT}]\n",
+        &custom,
+    )
+    .unwrap();
+    assert!(!m.client_sends_plaintext("anywhere", 80));
+    assert!(m.client_sends_plaintext("istio-system", 80));
+}
+
+#[test]
+fn mesh_wide_peer_authentication_cannot_have_port_modes() {
+    let (mesh, errs) = parse(
+        "peer_authentications:
+  - {namespace: istio-system, mode: STRICT, port_level_mtls: {8080: {mode: DISABLE}}}
+  - {namespace: fine, mode: DISABLE}
+",
+        &settings(),
+    )
+    .unwrap();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].kind, "peer_authentication");
+    assert!(errs[0].message.contains("port_level_mtls"), "{}", errs[0]);
+    // The other policy is still served.
+    assert!(mesh.client_sends_plaintext("fine", 80));
+    assert!(!mesh.client_sends_plaintext("elsewhere", 80));
+}
+
+#[test]
+fn peer_authentication_ports_are_endpoint_ports() {
+    // Istio keys portLevelMtls by the workload's port: service port 80 → targetPort 8080.
+    let (mesh, errs) = parse(
+        "services:
+  - name: web
+    namespace: a
+    ports: [{name: http, port: 80, target_port: 8080}]
+    endpoints: [{address: 10.0.0.1}, {address: 10.0.0.2, ports: {http: 9090}}]
+peer_authentications:
+  - {namespace: a, mode: STRICT, port_level_mtls: {8080: {mode: DISABLE}}}
+",
+        &settings(),
+    )
+    .unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let ctx = Ctx {
+        secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    };
+    let t = translate(&mesh, &ctx).0;
+    let cla = t
+        .endpoints
+        .iter()
+        .find(|c| c.cluster_name == "outbound|80||web.a.svc.cluster.local")
+        .unwrap();
+    let eps = &cla.endpoints[0].lb_endpoints;
+    let by_port = |port: u32| {
+        eps.iter()
+            .find(|e| {
+                let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                    return false;
+                };
+                matches!(
+                    ep.address.as_ref().and_then(|a| a.address.as_ref()),
+                    Some(address::Address::SocketAddress(sa))
+                        if sa.port_specifier == Some(socket_address::PortSpecifier::PortValue(port))
+                )
+            })
+            .unwrap()
+    };
+    assert!(
+        by_port(8080).metadata.is_none(),
+        "DISABLE on 8080 → plaintext"
+    );
+    assert!(
+        by_port(9090).metadata.is_some(),
+        "9090 is STRICT → Istio mTLS"
+    );
 }
 
 #[test]
