@@ -669,6 +669,26 @@ async fn authorization_policies_deny_and_allow() {
         );
     }
     assert_eq!(w.call_winapp(&other, "/api/./x").await.unwrap().status, 200);
+
+    // A policy in Istio's root namespace is mesh-wide: it protects Windows services in every
+    // namespace, together with the namespace's own policies.
+    w.edit_mesh(
+        "authorization_policies:\n  - name: mesh-deny-other\n    namespace: istio-system\n    action: DENY\n    rules:\n      - from:\n          - source:\n              principals: [cluster.local/ns/linux/sa/other]\n",
+        &win,
+    );
+    wait_for(
+        "mesh-wide DENY applied",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&other, "/api/x")
+                .await
+                .ok()
+                .filter(|r| r.status == 403)
+        },
+    )
+    .await;
+    assert_eq!(w.call_winapp(&linux, "/").await.unwrap().status, 200);
     w.stop().await;
 }
 

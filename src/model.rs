@@ -330,13 +330,15 @@ impl Mesh {
         self.effective_mtls(namespace, port) == MtlsMode::Disable
     }
 
-    /// Policies that apply to a Windows service.
+    /// Policies that apply to a Windows service: those of its namespace, and, as in Istio, those of
+    /// the root namespace, which apply mesh-wide (their `services` then name services in any
+    /// namespace).
     pub fn policies_for<'a>(
         &'a self,
         svc: &'a WindowsService,
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
         self.authorization_policies.iter().filter(move |p| {
-            p.namespace == svc.namespace
+            (p.namespace == svc.namespace || p.namespace == self.root_namespace)
                 && (p.services.is_empty() || p.services.contains(&svc.name))
         })
     }

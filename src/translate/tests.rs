@@ -522,6 +522,31 @@ fn peer_authentication_precedence_follows_istio() {
 }
 
 #[test]
+fn root_namespace_authorization_policies_apply_mesh_wide() {
+    let (mesh, errs) = parse(
+        "windows_services:
+  - {name: a, namespace: one, ports: [{name: http, port: 80}], backends: [10.0.0.1]}
+  - {name: b, namespace: two, ports: [{name: http, port: 80}], backends: [10.0.0.2]}
+authorization_policies:
+  - {name: mesh-deny, namespace: istio-system, action: DENY, rules: [{}]}
+  - {name: only-b, namespace: istio-system, services: [b], action: ALLOW, rules: [{}]}
+  - {name: local, namespace: one, action: ALLOW, rules: [{}]}
+  - {name: elsewhere, namespace: three, action: DENY, rules: [{}]}
+",
+        &settings(),
+    )
+    .unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let names = |svc: usize| -> Vec<&str> {
+        mesh.policies_for(&mesh.windows_services[svc])
+            .map(|p| p.name.as_str())
+            .collect()
+    };
+    assert_eq!(names(0), ["mesh-deny", "local"]);
+    assert_eq!(names(1), ["mesh-deny", "only-b"]);
+}
+
+#[test]
 fn mesh_wide_peer_authentication_cannot_have_port_modes() {
     let (mesh, errs) = parse(
         "peer_authentications:
