@@ -2,6 +2,7 @@
 //! channel; the mesh file is the first, a Kubernetes watcher produces the same model next.
 
 pub mod file;
+pub mod kube;
 
 use std::sync::Arc;
 use std::time::SystemTime;

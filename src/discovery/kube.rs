@@ -1,0 +1,721 @@
+//! Kubernetes source: mirrors what istiod reads for the Linux side of the mesh, so Windows → Linux
+//! routes follow pods as they come and go.
+//!
+//! It watches Services, EndpointSlices, Pods and Istio's PeerAuthentication and builds the same
+//! [`model`](crate::model) the mesh file produces: a Service's host is `<name>.<ns>.svc.<domain>`, port
+//! protocols follow Istio's rules (`appProtocol`, then the port name's prefix), each ready endpoint
+//! takes its service account, node and `tlsMode` (label `security.istio.io/tlsMode`) from its pod
+//! (by `targetRef`, else by IP in the same namespace), and Istio's service-account annotations add to
+//! the SANs a client expects. Windows services and AuthorizationPolicies stay in the mesh file: they
+//! describe the gateway itself, not the mesh around it.
+//!
+//! This file has two halves: pure conversion (`build`, `merge`) and the watch loop (`KubeSource`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::core::DynamicObject;
+
+use super::ObjectError;
+use crate::model::{
+    Endpoint, Mesh, MtlsMode, PeerAuthentication, Protocol, Service, ServicePort, TlsMode,
+};
+
+/// Istio's sidecar-injection label that makes clients use mTLS towards a pod.
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+const KUBE_SAS_ANNOTATION: &str = "alpha.istio.io/kubernetes-serviceaccounts";
+const CANONICAL_SAS_ANNOTATION: &str = "alpha.istio.io/canonical-serviceaccounts";
+
+/// What the Kubernetes source contributes to the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KubeMesh {
+    pub services: Vec<Service>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+    /// Objects that could not be mirrored, and why.
+    pub rejected: Vec<ObjectError>,
+}
+
+/// The objects the source currently knows.
+#[derive(Clone, Debug, Default)]
+pub struct KubeObjects {
+    pub services: Vec<Arc<KService>>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<Pod>>,
+    pub peer_authentications: Vec<Arc<DynamicObject>>,
+}
+
+fn key(meta: &kube::core::ObjectMeta) -> Option<(String, String)> {
+    Some((meta.namespace.clone()?, meta.name.clone()?))
+}
+
+fn object_name(meta: &kube::core::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("?"),
+        meta.name.as_deref().unwrap_or("?")
+    )
+}
+
+/// What an endpoint needs from its pod.
+#[derive(Clone, Debug)]
+struct PodInfo {
+    service_account: String,
+    tls_mode: TlsMode,
+    node: Option<String>,
+}
+
+fn pod_info(p: &Pod) -> PodInfo {
+    let spec = p.spec.as_ref();
+    PodInfo {
+        // Kubernetes runs a pod without an explicit account as `default`.
+        service_account: spec
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        tls_mode: match p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(TLS_MODE_LABEL))
+        {
+            Some(v) if v == "istio" => TlsMode::Istio,
+            _ => TlsMode::Disabled,
+        },
+        node: spec.and_then(|s| s.node_name.clone()),
+    }
+}
+
+struct PodIndex {
+    by_name: HashMap<(String, String), PodInfo>,
+    by_ip: HashMap<(String, IpAddr), PodInfo>,
+}
+
+impl PodIndex {
+    fn new(pods: &[Arc<Pod>]) -> PodIndex {
+        let mut by_name = HashMap::new();
+        let mut by_ip = HashMap::new();
+        for p in pods {
+            let Some((ns, name)) = key(&p.metadata) else {
+                continue;
+            };
+            let info = pod_info(p);
+            let status = p.status.as_ref();
+            // Host-network pods share the node's IP: they cannot be told apart by address.
+            let host_network = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.host_network)
+                .unwrap_or(false);
+            // A finished pod may still report an IP that a new pod now owns.
+            let finished = status
+                .and_then(|s| s.phase.as_deref())
+                .is_some_and(|p| p == "Succeeded" || p == "Failed");
+            if !host_network && !finished {
+                let ips = status
+                    .and_then(|s| s.pod_ips.as_ref())
+                    .map(|v| v.iter().map(|i| i.ip.clone()).collect::<Vec<_>>())
+                    .or_else(|| status.and_then(|s| s.pod_ip.clone()).map(|i| vec![i]))
+                    .unwrap_or_default();
+                for ip in ips.iter().filter_map(|i| i.parse::<IpAddr>().ok()) {
+                    by_ip.insert((ns.clone(), ip), info.clone());
+                }
+            }
+            by_name.insert((ns, name), info);
+        }
+        PodIndex { by_name, by_ip }
+    }
+}
+
+fn port_u16(p: i32, what: &str) -> Result<u16, String> {
+    u16::try_from(p)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {p} is not a port number"))
+}
+
+/// A Kubernetes Service without its endpoints. `Ok(None)`: nothing to mirror (no TCP ports).
+fn service(svc: &KService, domain_suffix: &str) -> Result<Option<Service>, String> {
+    let (namespace, name) = key(&svc.metadata).ok_or("no namespace or name")?;
+    let spec = svc.spec.as_ref().ok_or("no spec")?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Err("ExternalName services are not mirrored (no endpoints to route to)".into());
+    }
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        // The gateway carries TCP (and HTTP over it) only.
+        if p.protocol.as_deref().is_some_and(|x| x != "TCP") {
+            continue;
+        }
+        let port_name = p.name.clone().unwrap_or_default();
+        let port = port_u16(p.port, "port")?;
+        let target_port = match &p.target_port {
+            Some(IntOrString::Int(t)) => port_u16(*t, "targetPort")?,
+            // Named target ports are resolved per endpoint from the EndpointSlices.
+            Some(IntOrString::String(_)) | None => port,
+        };
+        ports.push(ServicePort {
+            protocol: Protocol::detect(&port_name, p.app_protocol.as_deref()),
+            name: port_name,
+            port,
+            target_port,
+            local_port: None,
+        });
+    }
+    if ports.is_empty() {
+        return Ok(None);
+    }
+    let annotations = svc.metadata.annotations.as_ref();
+    let list = |key: &str| -> Vec<String> {
+        annotations
+            .and_then(|a| a.get(key))
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut extra_service_accounts = list(KUBE_SAS_ANNOTATION);
+    // Canonical accounts are full identities; only SPIFFE ones can match a URI SAN.
+    extra_service_accounts.extend(
+        list(CANONICAL_SAS_ANNOTATION)
+            .into_iter()
+            .filter(|s| s.starts_with("spiffe://")),
+    );
+    Ok(Some(Service {
+        host: format!("{name}.{namespace}.svc.{domain_suffix}"),
+        name,
+        namespace,
+        ports,
+        extra_service_accounts,
+        endpoints: vec![],
+    }))
+}
+
+/// Endpoints of one Service from its EndpointSlices, deduplicated by address (an address listed
+/// twice is ready if any listing says so), sorted by address.
+fn endpoints(svc: &Service, slices: &[&EndpointSlice], pods: &PodIndex) -> Vec<Endpoint> {
+    let known_ports: BTreeSet<&str> = svc.ports.iter().map(|p| p.name.as_str()).collect();
+    let mut out: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type == "FQDN" {
+            continue;
+        }
+        let ports: BTreeMap<String, u16> = slice
+            .ports
+            .iter()
+            .flatten()
+            .filter(|p| p.protocol.as_deref().is_none_or(|x| x == "TCP"))
+            .filter_map(|p| {
+                let name = p.name.clone().unwrap_or_default();
+                let port = u16::try_from(p.port?).ok().filter(|p| *p != 0)?;
+                known_ports.contains(name.as_str()).then_some((name, port))
+            })
+            .collect();
+        for ep in &slice.endpoints {
+            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            // Kubernetes: a missing `ready` condition means ready.
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let pod = ep
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| {
+                    let ns = r.namespace.clone().unwrap_or_else(|| svc.namespace.clone());
+                    pods.by_name.get(&(ns, r.name.clone()?))
+                })
+                .or_else(|| pods.by_ip.get(&(svc.namespace.clone(), address)));
+            let endpoint = Endpoint {
+                address,
+                ports: ports.clone(),
+                service_account: pod.map(|p| p.service_account.clone()),
+                tls_mode: pod.map(|p| p.tls_mode).unwrap_or(TlsMode::Disabled),
+                node: ep
+                    .node_name
+                    .clone()
+                    .or_else(|| pod.and_then(|p| p.node.clone())),
+                ready,
+            };
+            match out.get_mut(&address) {
+                Some(existing) => {
+                    existing.ready |= endpoint.ready;
+                    for (k, v) in endpoint.ports {
+                        existing.ports.entry(k).or_insert(v);
+                    }
+                }
+                None => {
+                    out.insert(address, endpoint);
+                }
+            }
+        }
+    }
+    out.into_values().collect()
+}
+
+fn mtls_mode(v: Option<&serde_json::Value>) -> Result<MtlsMode, String> {
+    match v.map(|m| m.as_str()) {
+        None => Ok(MtlsMode::Unset),
+        Some(Some("UNSET")) => Ok(MtlsMode::Unset),
+        Some(Some("STRICT")) => Ok(MtlsMode::Strict),
+        Some(Some("PERMISSIVE")) => Ok(MtlsMode::Permissive),
+        Some(Some("DISABLE")) => Ok(MtlsMode::Disable),
+        Some(other) => Err(format!("spec.mtls.mode: unknown mode {other:?}")),
+    }
+}
+
+/// A namespace-wide PeerAuthentication. Workload-selector policies are reported, not mirrored: the
+/// model decides per namespace (and endpoint port).
+fn peer_authentication(o: &DynamicObject) -> Result<PeerAuthentication, String> {
+    let namespace = o.metadata.namespace.clone().ok_or("no namespace")?;
+    let spec = o.data.get("spec");
+    let has_selector = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(|m| m.as_object())
+        .is_some_and(|m| !m.is_empty());
+    if has_selector {
+        return Err(
+            "spec.selector: workload-selector policies are not mirrored (only namespace-wide ones)"
+                .into(),
+        );
+    }
+    let mode = mtls_mode(spec.and_then(|s| s.get("mtls")).and_then(|m| m.get("mode")))?;
+    // Istio ignores `portLevelMtls` on a policy without a selector; so does the mirror.
+    Ok(PeerAuthentication {
+        namespace,
+        mode,
+        port_modes: BTreeMap::new(),
+    })
+}
+
+/// Builds the Kubernetes part of the model from the objects the source knows.
+pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
+    let mut out = KubeMesh::default();
+    let pods = PodIndex::new(&objects.pods);
+    let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for s in &objects.endpoint_slices {
+        let svc = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if let (Some(ns), Some(svc)) = (s.metadata.namespace.clone(), svc) {
+            slices.entry((ns, svc.clone())).or_default().push(s);
+        }
+    }
+    for k in &objects.services {
+        match service(k, domain_suffix) {
+            Ok(Some(mut svc)) => {
+                let mine = slices
+                    .get(&(svc.namespace.clone(), svc.name.clone()))
+                    .map(|v| v.as_slice())
+                    .unwrap_or(&[]);
+                svc.endpoints = endpoints(&svc, mine, &pods);
+                out.services.push(svc);
+            }
+            Ok(None) => {}
+            Err(message) => out.rejected.push(ObjectError {
+                kind: "kubernetes_service",
+                name: object_name(&k.metadata),
+                message,
+            }),
+        }
+    }
+    out.services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+
+    // Istio: with several namespace-wide policies in one namespace, the oldest wins.
+    let mut pas: Vec<&Arc<DynamicObject>> = objects.peer_authentications.iter().collect();
+    pas.sort_by(|a, b| {
+        (
+            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            &a.metadata.name,
+        )
+            .cmp(&(
+                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                &b.metadata.name,
+            ))
+    });
+    for o in pas {
+        match peer_authentication(o) {
+            Ok(pa) => {
+                if let Some(first) = out
+                    .peer_authentications
+                    .iter()
+                    .find(|p| p.namespace == pa.namespace)
+                {
+                    out.rejected.push(ObjectError {
+                        kind: "kubernetes_peer_authentication",
+                        name: object_name(&o.metadata),
+                        message: format!(
+                            "an older namespace-wide policy in {} takes precedence",
+                            first.namespace
+                        ),
+                    });
+                    continue;
+                }
+                out.peer_authentications.push(pa);
+            }
+            Err(message) => out.rejected.push(ObjectError {
+                kind: "kubernetes_peer_authentication",
+                name: object_name(&o.metadata),
+                message,
+            }),
+        }
+    }
+    out.peer_authentications
+        .sort_by(|a, b| a.namespace.cmp(&b.namespace));
+    out
+}
+
+/// The model served: the mesh file's, plus what Kubernetes says. The file wins where both speak: its
+/// services (by host) and its PeerAuthentications (by namespace) replace Kubernetes' own, and
+/// Kubernetes Services whose host is a Windows service's (the mesh-facing Services that point at the
+/// gateway) are not mirrored back as Linux services.
+pub fn merge(file: &Mesh, kube: &KubeMesh) -> Mesh {
+    let mut mesh = file.clone();
+    let taken: BTreeSet<&str> = file
+        .services
+        .iter()
+        .map(|s| s.host.as_str())
+        .chain(file.windows_services.iter().map(|w| w.host.as_str()))
+        .collect();
+    mesh.services.extend(
+        kube.services
+            .iter()
+            .filter(|s| !taken.contains(s.host.as_str()))
+            .cloned(),
+    );
+    let file_ns: BTreeSet<&str> = file
+        .peer_authentications
+        .iter()
+        .map(|p| p.namespace.as_str())
+        .collect();
+    mesh.peer_authentications.extend(
+        kube.peer_authentications
+            .iter()
+            .filter(|p| !file_ns.contains(p.namespace.as_str()))
+            .cloned(),
+    );
+    mesh
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("valid object"))
+    }
+
+    fn objects() -> KubeObjects {
+        KubeObjects {
+            services: vec![
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews", "namespace": "bookinfo",
+                        "annotations": {KUBE_SAS_ANNOTATION: "extra-sa, other",
+                                        CANONICAL_SAS_ANNOTATION: "spiffe://x.td/ns/a/sa/b,gcp@iam"}},
+                    "spec": {"ports": [
+                        {"name": "http", "port": 9080, "targetPort": 9080},
+                        {"name": "grpc-api", "port": 9090, "targetPort": "grpc"},
+                        {"name": "web", "port": 80, "targetPort": 8080, "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "dns", "port": 53, "protocol": "UDP"}
+                    ]}
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "ext", "namespace": "bookinfo"},
+                    "spec": {"type": "ExternalName", "externalName": "example.com"}
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "udp-only", "namespace": "bookinfo"},
+                    "spec": {"ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}
+                })),
+            ],
+            endpoint_slices: vec![
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews-abc", "namespace": "bookinfo",
+                                 "labels": {SERVICE_NAME_LABEL: "reviews"}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 9080}, {"name": "grpc-api", "port": 7070},
+                              {"name": "web", "port": 8080}],
+                    "endpoints": [
+                        {"addresses": ["10.0.0.2"], "conditions": {"ready": true},
+                         "targetRef": {"kind": "Pod", "name": "reviews-v1", "namespace": "bookinfo"}},
+                        {"addresses": ["10.0.0.3"], "conditions": {"ready": false},
+                         "targetRef": {"kind": "Pod", "name": "reviews-v2", "namespace": "bookinfo"}},
+                        {"addresses": ["10.0.0.4"], "nodeName": "node-b"},
+                        {"addresses": ["not-an-ip"]}
+                    ]
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews-def", "namespace": "bookinfo",
+                                 "labels": {SERVICE_NAME_LABEL: "reviews"}},
+                    "addressType": "IPv4",
+                    "ports": [{"name": "http", "port": 9080}],
+                    "endpoints": [{"addresses": ["10.0.0.3"], "conditions": {"ready": true}}]
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews-fqdn", "namespace": "bookinfo",
+                                 "labels": {SERVICE_NAME_LABEL: "reviews"}},
+                    "addressType": "FQDN",
+                    "endpoints": [{"addresses": ["reviews.example.com"]}]
+                })),
+            ],
+            pods: vec![
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews-v1", "namespace": "bookinfo",
+                                 "labels": {TLS_MODE_LABEL: "istio"}},
+                    "spec": {"serviceAccountName": "bookinfo-reviews", "nodeName": "node-a",
+                             "containers": []},
+                    "status": {"podIP": "10.0.0.2"}
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "reviews-v2", "namespace": "bookinfo"},
+                    "spec": {"containers": []},
+                    "status": {"podIPs": [{"ip": "10.0.0.3"}]}
+                })),
+                obj(serde_json::json!({
+                    "metadata": {"name": "by-ip", "namespace": "bookinfo",
+                                 "labels": {TLS_MODE_LABEL: "istio"}},
+                    "spec": {"serviceAccountName": "found-by-ip", "containers": []},
+                    "status": {"podIP": "10.0.0.4"}
+                })),
+            ],
+            peer_authentications: vec![],
+        }
+    }
+
+    fn pa(ns: &str, name: &str, created: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        obj(serde_json::json!({
+            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
+            "spec": spec
+        }))
+    }
+
+    #[test]
+    fn services_follow_istio_rules() {
+        let m = build(&objects(), "cluster.local");
+        assert_eq!(m.services.len(), 1, "{:?}", m.services);
+        let s = &m.services[0];
+        assert_eq!(s.host, "reviews.bookinfo.svc.cluster.local");
+        let ports: Vec<(&str, u16, Protocol, u16)> = s
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.port, p.protocol, p.target_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("http", 9080, Protocol::Http, 9080),
+                ("grpc-api", 9090, Protocol::Grpc, 9090),
+                ("web", 80, Protocol::Http2, 8080),
+            ],
+            "UDP ports are left out; appProtocol wins over the name"
+        );
+        assert_eq!(
+            s.extra_service_accounts,
+            ["extra-sa", "other", "spiffe://x.td/ns/a/sa/b"]
+        );
+        assert_eq!(m.rejected.len(), 1);
+        assert_eq!(m.rejected[0].name, "bookinfo/ext");
+        assert!(m.rejected[0].message.contains("ExternalName"));
+    }
+
+    #[test]
+    fn endpoints_take_identity_and_tls_mode_from_their_pods() {
+        let m = build(&objects(), "cluster.local");
+        let eps = &m.services[0].endpoints;
+        let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(addrs, ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        // By targetRef: account, node and the injection label.
+        assert_eq!(eps[0].service_account.as_deref(), Some("bookinfo-reviews"));
+        assert_eq!(eps[0].tls_mode, TlsMode::Istio);
+        assert_eq!(eps[0].node.as_deref(), Some("node-a"));
+        assert!(eps[0].ready);
+        // Named targetPort resolved from the slice.
+        assert_eq!(eps[0].ports.get("grpc-api"), Some(&7070));
+        // No injection label: plaintext; no account set: `default`; listed twice, ready in one.
+        assert_eq!(eps[1].tls_mode, TlsMode::Disabled);
+        assert_eq!(eps[1].service_account.as_deref(), Some("default"));
+        assert!(eps[1].ready);
+        // No targetRef: found by IP in the namespace; the slice's node wins.
+        assert_eq!(eps[2].service_account.as_deref(), Some("found-by-ip"));
+        assert_eq!(eps[2].tls_mode, TlsMode::Istio);
+        assert_eq!(eps[2].node.as_deref(), Some("node-b"));
+        assert_eq!(
+            m.services[0].expected_sans("cluster.local"),
+            [
+                "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews",
+                "spiffe://cluster.local/ns/bookinfo/sa/default",
+                "spiffe://cluster.local/ns/bookinfo/sa/extra-sa",
+                "spiffe://cluster.local/ns/bookinfo/sa/found-by-ip",
+                "spiffe://cluster.local/ns/bookinfo/sa/other",
+                "spiffe://x.td/ns/a/sa/b",
+            ]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_without_a_pod_is_plaintext_and_anonymous() {
+        let mut o = objects();
+        o.pods.clear();
+        let m = build(&o, "cluster.local");
+        for e in &m.services[0].endpoints {
+            assert_eq!(e.tls_mode, TlsMode::Disabled);
+            assert_eq!(e.service_account, None);
+        }
+    }
+
+    #[test]
+    fn peer_authentications_namespace_wide_oldest_first() {
+        let mut o = objects();
+        o.peer_authentications = vec![
+            pa(
+                "istio-system",
+                "default",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            pa(
+                "legacy",
+                "newer",
+                "2026-03-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            pa(
+                "legacy",
+                "older",
+                "2026-02-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "DISABLE"},
+                    "portLevelMtls": {"8080": {"mode": "STRICT"}}}),
+            ),
+            pa(
+                "legacy",
+                "one-workload",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"selector": {"matchLabels": {"app": "x"}},
+                    "mtls": {"mode": "PERMISSIVE"}}),
+            ),
+            pa(
+                "inherit",
+                "empty",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({}),
+            ),
+            pa(
+                "bad",
+                "typo",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "STRICTER"}}),
+            ),
+        ];
+        let m = build(&o, "cluster.local");
+        let modes: Vec<(&str, MtlsMode)> = m
+            .peer_authentications
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.mode))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("inherit", MtlsMode::Unset),
+                ("istio-system", MtlsMode::Strict),
+                ("legacy", MtlsMode::Disable),
+            ]
+        );
+        assert!(
+            m.peer_authentications
+                .iter()
+                .all(|p| p.port_modes.is_empty()),
+            "portLevelMtls without a selector is ignored, as in Istio"
+        );
+        let rejected: BTreeMap<&str, &str> = m
+            .rejected
+            .iter()
+            .filter(|e| e.kind == "kubernetes_peer_authentication")
+            .map(|e| (e.name.as_str(), e.message.as_str()))
+            .collect();
+        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert!(rejected["legacy/newer"].contains("older"));
+        assert!(rejected["legacy/one-workload"].contains("selector"));
+        assert!(rejected["bad/typo"].contains("STRICTER"));
+    }
+
+    #[test]
+    fn the_file_wins_where_both_speak() {
+        let settings = crate::discovery::file::FileSettings {
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            gateway: crate::model::GatewaySettings {
+                inbound_address: "0.0.0.0".parse().expect("ip"),
+                outbound_address: "127.0.0.1".parse().expect("ip"),
+                outbound_port: 15001,
+            },
+        };
+        let (file, errs) = crate::discovery::file::parse(
+            "services:
+  - name: reviews
+    namespace: bookinfo
+    ports: [{name: http, port: 9080}]
+    endpoints: [{address: 10.9.9.9}]
+windows_services:
+  - {name: winapp, namespace: win, ports: [{name: http, port: 80}], backends: [10.1.1.1]}
+peer_authentications:
+  - {namespace: legacy, mode: STRICT}
+",
+            &settings,
+        )
+        .expect("mesh file");
+        assert!(errs.is_empty(), "{errs:?}");
+        let mut o = objects();
+        o.services.push(obj(serde_json::json!({
+            "metadata": {"name": "winapp", "namespace": "win"},
+            "spec": {"ports": [{"name": "http", "port": 80}]}
+        })));
+        o.services.push(obj(serde_json::json!({
+            "metadata": {"name": "ratings", "namespace": "bookinfo"},
+            "spec": {"ports": [{"name": "http", "port": 9080}]}
+        })));
+        o.peer_authentications = vec![
+            pa(
+                "legacy",
+                "p",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "DISABLE"}}),
+            ),
+            pa(
+                "other",
+                "p",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "DISABLE"}}),
+            ),
+        ];
+        let kube = build(&o, "cluster.local");
+        let mesh = merge(&file, &kube);
+        let hosts: Vec<&str> = mesh.services.iter().map(|s| s.host.as_str()).collect();
+        assert_eq!(
+            hosts,
+            [
+                "reviews.bookinfo.svc.cluster.local",
+                "ratings.bookinfo.svc.cluster.local"
+            ],
+            "the file's reviews wins; the gateway-facing winapp Service is not mirrored"
+        );
+        assert_eq!(
+            mesh.services[0].endpoints[0].address.to_string(),
+            "10.9.9.9"
+        );
+        assert!(!mesh.client_sends_plaintext("legacy", 80));
+        assert!(mesh.client_sends_plaintext("other", 80));
+    }
+}
