@@ -43,6 +43,39 @@ pub struct MeshConfig {
     pub domain_suffix: String,
     /// Istio's root namespace (MeshConfig `rootNamespace`): a PeerAuthentication there is mesh-wide.
     pub root_namespace: String,
+    /// Mirror the Linux side of the mesh from the Kubernetes API (docs/kubernetes.md).
+    pub kubernetes: KubernetesConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Watch Services, EndpointSlices, Pods and PeerAuthentications and mirror them into the mesh.
+    pub enabled: bool,
+    /// Kubeconfig to use (relative to this config file); default: the pod's service account, then
+    /// `$KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Quiet period after a change before the mirror is rebuilt (istiod uses 100ms).
+    #[serde(with = "duration_str")]
+    pub debounce: Duration,
+    /// Longest a rebuild waits under constant churn.
+    #[serde(with = "duration_str")]
+    pub debounce_max: Duration,
+    /// How long to wait for the first complete listing before serving the mesh file alone.
+    #[serde(with = "duration_str")]
+    pub sync_timeout: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            kubeconfig: None,
+            debounce: Duration::from_millis(100),
+            debounce_max: Duration::from_secs(1),
+            sync_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 impl Default for MeshConfig {
@@ -52,6 +85,7 @@ impl Default for MeshConfig {
             poll_interval: Duration::from_secs(1),
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
+            kubernetes: KubernetesConfig::default(),
         }
     }
 }
@@ -356,6 +390,9 @@ impl Config {
         if let Some(p) = self.mesh.file.as_mut() {
             fix(p);
         }
+        if let Some(p) = self.mesh.kubernetes.kubeconfig.as_mut() {
+            fix(p);
+        }
         if let Some(p) = self.xds.token_file.as_mut() {
             fix(p);
         }
@@ -568,6 +605,21 @@ impl Config {
                 format!("{ns:?} is not a Kubernetes namespace name"),
             ));
         }
+        let k = &self.mesh.kubernetes;
+        if let Some(f) = &k.kubeconfig
+            && !f.is_file()
+        {
+            return Err(err(
+                "mesh.kubernetes.kubeconfig",
+                format!("{} does not exist", f.display()),
+            ));
+        }
+        if k.debounce > k.debounce_max {
+            return Err(err(
+                "mesh.kubernetes.debounce",
+                "must not exceed mesh.kubernetes.debounce_max".into(),
+            ));
+        }
         if let Some(f) = &self.mesh.file
             && !f.is_file()
         {
@@ -708,6 +760,34 @@ mod tests {
             c.identity.spiffe_id().unwrap().to_string(),
             "spiffe://cluster.local/ns/winmesh/sa/winmesh-gateway"
         );
+    }
+
+    #[test]
+    fn kubernetes_settings_are_checked() {
+        let c = Config::parse("", "c.yaml").unwrap();
+        assert!(!c.mesh.kubernetes.enabled);
+        assert_eq!(c.mesh.kubernetes.debounce, Duration::from_millis(100));
+        let c = Config::parse(
+            "mesh:\n  kubernetes:\n    enabled: true\n    sync_timeout: 5s\n",
+            "c.yaml",
+        )
+        .unwrap();
+        assert!(c.mesh.kubernetes.enabled);
+        assert_eq!(c.mesh.kubernetes.sync_timeout, Duration::from_secs(5));
+        let e = Config::parse(
+            "mesh:\n  kubernetes:\n    kubeconfig: /nonexistent/kubeconfig\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "mesh.kubernetes.kubeconfig");
+        let e = Config::parse(
+            "mesh:\n  kubernetes:\n    debounce: 5s\n    debounce_max: 1s\n",
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "mesh.kubernetes.debounce");
+        let e = Config::parse("mesh:\n  kubernetes:\n    enable: true\n", "c.yaml").unwrap_err();
+        assert!(e.field.starts_with("mesh.kubernetes"), "{e:?}");
     }
 
     #[test]

@@ -210,7 +210,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             outbound_port: cfg.gateway.outbound_port,
         },
     };
-    let (state_tx, state_rx) = watch::channel(MeshState::default());
+    let (file_tx, file_rx) = watch::channel(MeshState::default());
+    let state_tx = file_tx;
     match &cfg.mesh.file {
         Some(path) => {
             let src = FileSource {
@@ -237,6 +238,34 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             }));
         }
     }
+    // With Kubernetes, the file's state and the mirror are combined into the state translated.
+    let state_rx = if cfg.mesh.kubernetes.enabled {
+        let k = &cfg.mesh.kubernetes;
+        let client = crate::discovery::kube::client(k.kubeconfig.as_deref())
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let (kube_tx, kube_rx) = watch::channel(crate::discovery::kube::KubeState::default());
+        let source = crate::discovery::kube::KubeSource {
+            client,
+            domain_suffix: cfg.mesh.domain_suffix.clone(),
+            debounce: k.debounce,
+            debounce_max: k.debounce_max,
+            metrics: metrics.clone(),
+        };
+        info!("mirroring the mesh from the Kubernetes API");
+        tasks.push(tokio::spawn(source.run(kube_tx, running.shutdown_signal())));
+        let (tx, rx) = watch::channel(MeshState::default());
+        tasks.push(tokio::spawn(crate::discovery::kube::combine(
+            file_rx,
+            kube_rx,
+            tx,
+            k.sync_timeout,
+            running.shutdown_signal(),
+        )));
+        rx
+    } else {
+        file_rx
+    };
     let ctx = Ctx {
         secrets_via: cfg.xds.secrets,
         default_identity: cfg.identity.spiffe_id()?,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake_istiod;
+pub mod fake_kube;
 pub mod fixtures;
 pub mod tls;
 

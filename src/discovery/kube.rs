@@ -14,13 +14,20 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{Pod, Service as KService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::core::DynamicObject;
+use kube::Api;
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::{reflector, watcher};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
-use super::ObjectError;
+use super::{MeshState, ObjectError};
+use crate::metrics::Metrics;
 use crate::model::{
     Endpoint, Mesh, MtlsMode, PeerAuthentication, Protocol, Service, ServicePort, TlsMode,
 };
@@ -406,6 +413,324 @@ pub fn merge(file: &Mesh, kube: &KubeMesh) -> Mesh {
             .cloned(),
     );
     mesh
+}
+
+/// What the Kubernetes source currently says.
+#[derive(Clone, Debug, Default)]
+pub struct KubeState {
+    /// `None` until every watched kind has been listed once.
+    pub mesh: Option<Arc<KubeMesh>>,
+    /// The latest error per watched kind (cleared when that watch works again); the last good
+    /// objects stay in service meanwhile.
+    pub errors: BTreeMap<&'static str, String>,
+    pub generation: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Services,
+    EndpointSlices,
+    Pods,
+    PeerAuthentications,
+}
+
+impl Kind {
+    const ALL: [Kind; 4] = [
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::Pods,
+        Kind::PeerAuthentications,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Services => "services",
+            Kind::EndpointSlices => "endpointslices",
+            Kind::Pods => "pods",
+            Kind::PeerAuthentications => "peerauthentications",
+        }
+    }
+}
+
+enum Signal {
+    Event { kind: Kind, init_done: bool },
+    Error { kind: Kind, message: String },
+}
+
+fn signals<K, S>(kind: Kind, stream: S) -> futures::stream::BoxStream<'static, Signal>
+where
+    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+{
+    use futures::StreamExt;
+    stream
+        .map(move |r| match r {
+            Ok(watcher::Event::InitDone) => Signal::Event {
+                kind,
+                init_done: true,
+            },
+            Ok(_) => Signal::Event {
+                kind,
+                init_done: false,
+            },
+            Err(e) => Signal::Error {
+                kind,
+                message: e.to_string(),
+            },
+        })
+        .boxed()
+}
+
+/// Istio's PeerAuthentication resource.
+pub fn peer_authentication_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "security.istio.io",
+        "v1",
+        "PeerAuthentication",
+    ))
+}
+
+/// Builds a Kubernetes client: from `kubeconfig` if given, else the usual inference (in-cluster
+/// service account, then `$KUBECONFIG` / `~/.kube/config`).
+pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| format!("no Kubernetes configuration found: {e}"))?,
+    };
+    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+}
+
+/// Watches the cluster and publishes [`KubeState`]s, debounced like istiod (a quiet period, with an
+/// upper bound under constant churn).
+pub struct KubeSource {
+    pub client: kube::Client,
+    pub domain_suffix: String,
+    pub debounce: Duration,
+    pub debounce_max: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl KubeSource {
+    pub async fn run(self, tx: watch::Sender<KubeState>, mut shutdown: watch::Receiver<bool>) {
+        use futures::StreamExt;
+        use kube::runtime::WatchStreamExt;
+
+        let cfg = watcher::Config::default();
+        let (services, w) = reflector::store::<KService>();
+        let s1 =
+            reflector(w, watcher(Api::all(self.client.clone()), cfg.clone())).default_backoff();
+        let (slices, w) = reflector::store::<EndpointSlice>();
+        let s2 =
+            reflector(w, watcher(Api::all(self.client.clone()), cfg.clone())).default_backoff();
+        let (pods, w) = reflector::store::<Pod>();
+        let s3 =
+            reflector(w, watcher(Api::all(self.client.clone()), cfg.clone())).default_backoff();
+        let ar = peer_authentication_resource();
+        let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let pas = w.as_reader();
+        let s4 = reflector(
+            w,
+            watcher(
+                Api::<DynamicObject>::all_with(self.client.clone(), &ar),
+                cfg,
+            ),
+        )
+        .default_backoff();
+        let mut events = futures::stream::select_all([
+            signals(Kind::Services, s1),
+            signals(Kind::EndpointSlices, s2),
+            signals(Kind::Pods, s3),
+            signals(Kind::PeerAuthentications, s4),
+        ]);
+
+        let mut listed: BTreeSet<&'static str> = BTreeSet::new();
+        let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
+        // (first unpublished change, latest change)
+        let mut pending: Option<(Instant, Instant)> = None;
+        let mut last: Option<KubeMesh> = None;
+        loop {
+            let deadline = pending
+                .map(|(first, latest)| (latest + self.debounce).min(first + self.debounce_max));
+            tokio::select! {
+                sig = events.next() => {
+                    let Some(sig) = sig else { return };
+                    let now = Instant::now();
+                    match sig {
+                        Signal::Event { kind, init_done } => {
+                            self.metrics.inc(
+                                "winmesh_kubernetes_events_total",
+                                "Watch events from the Kubernetes API, by kind.",
+                                &[("kind", kind.name())],
+                                1.0,
+                            );
+                            if init_done {
+                                listed.insert(kind.name());
+                            }
+                            if errors.remove(kind.name()).is_some() {
+                                info!(kind = kind.name(), "Kubernetes watch recovered");
+                                self.publish_errors(&tx, &errors);
+                            }
+                            pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+                        }
+                        Signal::Error { kind, message } => {
+                            self.metrics.inc(
+                                "winmesh_kubernetes_watch_errors_total",
+                                "Failed Kubernetes list/watch calls, by kind (retried with backoff).",
+                                &[("kind", kind.name())],
+                                1.0,
+                            );
+                            if errors.get(kind.name()) != Some(&message) {
+                                warn!(kind = kind.name(), error = %message,
+                                    "Kubernetes watch failed; keeping the last good objects");
+                                errors.insert(kind.name(), message);
+                                self.publish_errors(&tx, &errors);
+                            }
+                            // Without Istio's CRDs (or the right to read them) there are no
+                            // PeerAuthentications to wait for.
+                            if kind == Kind::PeerAuthentications {
+                                listed.insert(kind.name());
+                                pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+                            }
+                        }
+                    }
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    pending = None;
+                    if !Kind::ALL.iter().all(|k| listed.contains(k.name())) {
+                        continue;
+                    }
+                    let objects = KubeObjects {
+                        services: services.state(),
+                        endpoint_slices: slices.state(),
+                        pods: pods.state(),
+                        peer_authentications: pas.state(),
+                    };
+                    let mesh = build(&objects, &self.domain_suffix);
+                    if last.as_ref() == Some(&mesh) {
+                        continue;
+                    }
+                    self.report(&mesh);
+                    last = Some(mesh.clone());
+                    tx.send_modify(|st| {
+                        st.mesh = Some(Arc::new(mesh));
+                        st.errors = errors.clone();
+                        st.generation += 1;
+                    });
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn publish_errors(
+        &self,
+        tx: &watch::Sender<KubeState>,
+        errors: &BTreeMap<&'static str, String>,
+    ) {
+        self.metrics.set(
+            "winmesh_kubernetes_watch_failing",
+            "Number of Kubernetes kinds whose watch is currently failing.",
+            &[],
+            errors.len() as f64,
+        );
+        tx.send_modify(|st| {
+            st.errors = errors.clone();
+            st.generation += 1;
+        });
+    }
+
+    fn report(&self, mesh: &KubeMesh) {
+        self.metrics.set(
+            "winmesh_kubernetes_objects_rejected",
+            "Kubernetes objects that could not be mirrored.",
+            &[],
+            mesh.rejected.len() as f64,
+        );
+        for r in &mesh.rejected {
+            warn!(kind = r.kind, object = %r.name, error = %r.message, "Kubernetes object skipped");
+        }
+        info!(
+            services = mesh.services.len(),
+            endpoints = mesh
+                .services
+                .iter()
+                .map(|s| s.endpoints.len())
+                .sum::<usize>(),
+            peer_authentications = mesh.peer_authentications.len(),
+            "Kubernetes mirror updated"
+        );
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Combines the mesh file's state and the Kubernetes mirror into the state that is translated. Until
+/// the mirror has listed everything once, nothing is published, unless `sync_timeout` passes first:
+/// then the file's part is served alone (so a Kubernetes outage at startup does not also keep
+/// Linux → Windows traffic down) and the wait shows as an error.
+pub async fn combine(
+    mut file: watch::Receiver<MeshState>,
+    mut kube: watch::Receiver<KubeState>,
+    tx: watch::Sender<MeshState>,
+    sync_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let timeout = tokio::time::sleep(sync_timeout);
+    tokio::pin!(timeout);
+    let mut timed_out = false;
+    let mut generation = 0;
+    loop {
+        {
+            let f = file.borrow_and_update().clone();
+            let k = kube.borrow_and_update().clone();
+            let empty = KubeMesh::default();
+            let kube_mesh = k.mesh.as_deref().or(timed_out.then_some(&empty));
+            let mut errors: Vec<String> = f.error.into_iter().collect();
+            errors.extend(
+                k.errors
+                    .iter()
+                    .map(|(kind, e)| format!("kubernetes {kind}: {e}")),
+            );
+            if k.mesh.is_none() && timed_out {
+                errors.push(format!(
+                    "Kubernetes not synced after {}; serving the mesh file alone",
+                    humantime::format_duration(sync_timeout)
+                ));
+            }
+            if let (Some(fm), Some(km)) = (f.mesh.as_deref(), kube_mesh) {
+                generation += 1;
+                let mut rejected = f.rejected.clone();
+                rejected.extend(km.rejected.iter().cloned());
+                tx.send_replace(MeshState {
+                    mesh: Some(Arc::new(merge(fm, km))),
+                    rejected,
+                    error: (!errors.is_empty()).then(|| errors.join("; ")),
+                    updated: SystemTime::now(),
+                    generation,
+                });
+            } else if !errors.is_empty() {
+                tx.send_modify(|st| st.error = Some(errors.join("; ")));
+            }
+        }
+        tokio::select! {
+            r = file.changed() => if r.is_err() { return },
+            r = kube.changed() => if r.is_err() { return },
+            _ = &mut timeout, if !timed_out => timed_out = true,
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 #[cfg(test)]
