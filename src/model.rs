@@ -1,6 +1,6 @@
 //! The mesh as plain data: Linux mesh services and their endpoints (as Istio sees them), Windows
 //! services exposed through the gateway, PeerAuthentication and AuthorizationPolicy. No kube, no
-//! protobuf, no tokio: discovery sources (the mesh file now, Kubernetes next) produce a [`Mesh`], and
+//! protobuf, no tokio: discovery sources (the mesh file and the Kubernetes mirror) produce a [`Mesh`], and
 //! `translate` turns it into Envoy resources.
 
 use std::collections::BTreeMap;

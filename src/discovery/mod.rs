@@ -1,5 +1,5 @@
 //! Sources of mesh state. Each produces a [`MeshState`] (the model plus what was rejected) on a watch
-//! channel; the mesh file is the first, a Kubernetes watcher produces the same model next.
+//! channel: the mesh file (`file`) and the Kubernetes mirror (`kube`), combined by `kube::combine`.
 
 pub mod file;
 pub mod kube;
