@@ -31,7 +31,7 @@ use super::Ctx;
 use super::common::*;
 use super::rbac;
 use crate::assemble::Translated;
-use crate::model::{Mesh, WindowsPort, WindowsService};
+use crate::model::{AuthorizationPolicy, Mesh, WindowsPort, WindowsService};
 
 /// Headers Istio clients add for telemetry; never forwarded to Windows apps.
 pub const PEER_METADATA_HEADERS: [&str; 2] = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"];
@@ -51,13 +51,25 @@ fn gateway_port(svc: &WindowsService, port: u16) -> u32 {
     )
 }
 
+/// The policies for `svc`, with principals widened to the trust domain's aliases as Istio does.
+fn policies(mesh: &Mesh, ctx: &Ctx, svc: &WindowsService) -> Vec<AuthorizationPolicy> {
+    let tds: Vec<String> = std::iter::once(mesh.trust_domain.clone())
+        .chain(ctx.trust_domain_aliases.iter().cloned())
+        .collect();
+    mesh.policies_for(svc)
+        .map(|p| rbac::with_trust_domain_aliases(p, &tds))
+        .collect()
+}
+
 fn http_chain_filters(
     mesh: &Mesh,
+    ctx: &Ctx,
     svc: &WindowsService,
     p: &WindowsPort,
     cluster: &str,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
-    let policies: Vec<_> = mesh.policies_for(svc).collect();
+    let owned = policies(mesh, ctx, svc);
+    let policies: Vec<&AuthorizationPolicy> = owned.iter().collect();
     let mut http_filters = rbac::http_filters(&policies, &|p| gateway_port(svc, p));
     http_filters.push(router());
     let route_config = RouteConfiguration {
@@ -115,10 +127,12 @@ fn http_chain_filters(
 
 fn tcp_chain_filters(
     mesh: &Mesh,
+    ctx: &Ctx,
     svc: &WindowsService,
     cluster: &str,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
-    let policies: Vec<_> = mesh.policies_for(svc).collect();
+    let owned = policies(mesh, ctx, svc);
+    let policies: Vec<&AuthorizationPolicy> = owned.iter().collect();
     let mut filters = rbac::network_filters(&policies, cluster, &|p| gateway_port(svc, p));
     filters.push(network_filter(
         "envoy.filters.network.tcp_proxy",
@@ -154,9 +168,9 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated) {
                 ..Default::default()
             };
             let filters = if http {
-                http_chain_filters(mesh, svc, p, &cluster)
+                http_chain_filters(mesh, ctx, svc, p, &cluster)
             } else {
-                tcp_chain_filters(mesh, svc, &cluster)
+                tcp_chain_filters(mesh, ctx, svc, &cluster)
             };
             by_port
                 .entry(p.gateway_port)

@@ -264,6 +264,47 @@ fn rule_policy(
     })
 }
 
+/// Istio's trust-domain handling of principals (`<td>/ns/<ns>/sa/<sa>`): a principal naming the local
+/// trust domain, one of its aliases, or `cluster.local` (which always means "the local trust domain")
+/// matches callers from the local trust domain and every alias. Principals with a wildcard trust
+/// domain, other trust domains, or another shape are kept as written. `trust_domains` is the local
+/// trust domain followed by its aliases.
+pub fn expand_principals(principals: &[String], trust_domains: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for p in principals {
+        let parts: Vec<&str> = p.split('/').collect();
+        let enforced = parts.len() == 5 && !parts[0].contains('*');
+        if enforced && (parts[0] == "cluster.local" || trust_domains.iter().any(|t| t == parts[0]))
+        {
+            let rest = &p[parts[0].len()..];
+            for td in trust_domains {
+                let np = format!("{td}{rest}");
+                if !out.contains(&np) {
+                    out.push(np);
+                }
+            }
+        } else if !out.contains(p) {
+            out.push(p.clone());
+        }
+    }
+    out
+}
+
+/// A copy of `p` with every `principals` / `notPrincipals` list widened by [`expand_principals`].
+pub fn with_trust_domain_aliases(
+    p: &AuthorizationPolicy,
+    trust_domains: &[String],
+) -> AuthorizationPolicy {
+    let mut p = p.clone();
+    for rule in &mut p.rules {
+        for src in &mut rule.from {
+            src.principals = expand_principals(&src.principals, trust_domains);
+            src.not_principals = expand_principals(&src.not_principals, trust_domains);
+        }
+    }
+    p
+}
+
 /// RBAC configs for a service, DENY first then ALLOW (`None` where no policy of that action exists).
 pub fn rbac_configs(
     policies: &[&AuthorizationPolicy],
@@ -395,6 +436,48 @@ pub fn network_filters(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn principals_follow_istio_trust_domain_aliases() {
+        let tds = ["new.td".to_string(), "old.td".to_string()];
+        let got = expand_principals(
+            &[
+                "old.td/ns/a/sa/x".into(),
+                "cluster.local/ns/b/sa/y".into(),
+                "*/ns/c/sa/z".into(),
+                "other.td/ns/d/sa/w".into(),
+                "new.td/ns/a/sa/x".into(),
+                "*".into(),
+                "prefix*".into(),
+            ],
+            &tds,
+        );
+        assert_eq!(
+            got,
+            [
+                "new.td/ns/a/sa/x",
+                "old.td/ns/a/sa/x",
+                "new.td/ns/b/sa/y",
+                "old.td/ns/b/sa/y",
+                "*/ns/c/sa/z",
+                "other.td/ns/d/sa/w",
+                "*",
+                "prefix*",
+            ]
+        );
+        // No aliases, local trust domain cluster.local: unchanged.
+        let one = ["cluster.local".to_string()];
+        assert_eq!(
+            expand_principals(&["cluster.local/ns/a/sa/b".into()], &one),
+            ["cluster.local/ns/a/sa/b"]
+        );
+        // `cluster.local` in a policy means the local trust domain, whatever it is called.
+        let custom = ["example.org".to_string()];
+        assert_eq!(
+            expand_principals(&["cluster.local/ns/a/sa/b".into()], &custom),
+            ["example.org/ns/a/sa/b"]
+        );
+    }
 
     fn pol(action: Action, rules: Vec<Rule>) -> AuthorizationPolicy {
         AuthorizationPolicy {

@@ -707,4 +707,24 @@ fn trust_domain_aliases_are_accepted_callers() {
             MatchPattern::Prefix("spiffe://old.example/".into()),
         ]
     );
+    // AuthorizationPolicy principals match the alias too, as in Istio (the DENY names
+    // cluster.local/ns/x/sa/bad).
+    let bytes = l.encode_to_vec();
+    let has = |needle: &str| bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(has("spiffe://cluster.local/ns/x/sa/bad"));
+    assert!(has("spiffe://old.example/ns/x/sa/bad"));
+    let (t0, _) = translate(
+        &mesh,
+        &Ctx {
+            trust_domain_aliases: vec![],
+            ..ctx
+        },
+    );
+    let plain = listener(&t0, "winmesh_inbound_15443").encode_to_vec();
+    assert!(
+        !plain
+            .windows(b"old.example".len())
+            .any(|w| w == b"old.example"),
+        "no alias configured, none generated"
+    );
 }
