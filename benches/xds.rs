@@ -187,4 +187,73 @@ fn main() {
             bytes as f64 / 1048576.0,
         );
     }
+
+    // The Kubernetes mirror: rebuilding the model from N Services with 3 ready endpoints each (one
+    // EndpointSlice, three Pods), then combining it with the mesh file.
+    println!();
+    println!(
+        "| Kubernetes services | endpoints | rebuild from the watched objects | combine with the mesh file |"
+    );
+    println!("|---|---|---|---|");
+    let (file_mesh, _) = parse(&mesh_yaml(10), &settings).unwrap();
+    for n in [100usize, 1_000, 10_000] {
+        let objects = kube_objects(n);
+        let t = Instant::now();
+        let km = winmesh::discovery::kube::build(&objects, "cluster.local");
+        let build_t = t.elapsed();
+        assert_eq!(km.services.len(), n);
+        let t = Instant::now();
+        let merged = winmesh::discovery::kube::merge(&file_mesh, &km);
+        let merge_t = t.elapsed();
+        std::hint::black_box(&merged);
+        println!(
+            "| {n} | {} | {} | {} |",
+            km.services.iter().map(|s| s.endpoints.len()).sum::<usize>(),
+            ms(build_t),
+            ms(merge_t)
+        );
+    }
+}
+
+fn kube_objects(n: usize) -> winmesh::discovery::kube::KubeObjects {
+    use serde_json::json;
+    let mut o = winmesh::discovery::kube::KubeObjects::default();
+    for i in 0..n {
+        let ns = format!("ns{}", i % 50);
+        let name = format!("svc{i}");
+        o.services.push(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {"ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090}]}
+            }))
+            .unwrap(),
+        ));
+        let mut endpoints = Vec::new();
+        for j in 0..3 {
+            let ip = format!("10.{}.{}.{}", (i >> 8) & 255, i & 255, j + 1);
+            let pod = format!("{name}-{j}");
+            endpoints.push(json!({"addresses": [ip], "conditions": {"ready": true},
+                "targetRef": {"kind": "Pod", "name": pod, "namespace": ns}}));
+            o.pods.push(Arc::new(
+                serde_json::from_value(json!({
+                    "metadata": {"name": pod, "namespace": ns,
+                                 "labels": {"security.istio.io/tlsMode": "istio"}},
+                    "spec": {"serviceAccountName": name, "containers": []},
+                    "status": {"phase": "Running", "podIP": ip}
+                }))
+                .unwrap(),
+            ));
+        }
+        o.endpoint_slices.push(Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": format!("{name}-abc"), "namespace": ns,
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090}],
+                "endpoints": endpoints
+            }))
+            .unwrap(),
+        ));
+    }
+    o
 }
