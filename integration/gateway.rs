@@ -917,3 +917,68 @@ peer_authentications:
     gateway.stop().await;
     server.stop().await;
 }
+
+/// A Windows app with its own identity and outbound port calls Linux as itself: the Linux side sees
+/// that app's SPIFFE ID, while the shared port keeps presenting the gateway's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_windows_app_calls_linux_with_its_own_identity() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    const CLIENT_ID: &str = "spiffe://cluster.local/ns/win/sa/winclient";
+    let (own_port, its_gateway_port) = (free_port(), free_port());
+    let win = Backend {
+        addr: w._apps[0].addr,
+        name: String::new(),
+        task: tokio::spawn(async {}),
+    };
+    w.edit_mesh(
+        &format!(
+            "  - name: winclient\n    namespace: win\n    identity: {CLIENT_ID}\n    outbound_port: {own_port}\n    ports:\n      - {{name: http, port: 80, gateway_port: {its_gateway_port}}}\n    backends: [127.0.0.1]\n"
+        ),
+        &win,
+    );
+    let via = |port: u16| {
+        reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://127.0.0.1:{port}")).unwrap())
+            .build()
+            .unwrap()
+    };
+    let caller_of = |body: &str| -> String {
+        headers(body)["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let own = via(own_port);
+    let body = wait_for(
+        "Windows app's own outbound port",
+        T,
+        || w.diag(),
+        || async {
+            let r = own
+                .get("http://linuxapp.linux:8080/headers")
+                .send()
+                .await
+                .ok()?;
+            if r.status() != 200 {
+                return None;
+            }
+            r.text().await.ok()
+        },
+    )
+    .await;
+    let xfcc = caller_of(&body);
+    assert!(xfcc.contains(&format!("URI={CLIENT_ID}")), "{xfcc:?}");
+    assert!(!xfcc.contains(GW_ID), "{xfcc:?}");
+    // The shared port is unchanged.
+    let shared = via(w.gw_out.port())
+        .get("http://linuxapp.linux:8080/headers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shared.status(), 200);
+    let xfcc = caller_of(&shared.text().await.unwrap());
+    assert!(xfcc.contains(&format!("URI={GW_ID}")), "{xfcc:?}");
+    w.stop().await;
+}

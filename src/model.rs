@@ -197,6 +197,10 @@ pub struct WindowsService {
     pub backends: Vec<IpAddr>,
     /// Identity the gateway presents for this service; `None` = the gateway's own (`default`).
     pub identity: Option<SpiffeId>,
+    /// A Windows-facing HTTP proxy port for this Windows app's own calls into the mesh: requests on it
+    /// leave with this service's `identity` instead of the gateway's, so Linux AuthorizationPolicies
+    /// can tell Windows apps apart.
+    pub outbound_port: Option<u16>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]

@@ -103,6 +103,8 @@ struct WindowsServiceDoc {
     host: Option<String>,
     #[serde(default)]
     identity: Option<String>,
+    #[serde(default)]
+    outbound_port: Option<u16>,
     ports: Vec<WinPortDoc>,
     backends: Vec<IpAddr>,
 }
@@ -378,6 +380,21 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
             id.trust_domain, s.trust_domain
         ));
     }
+    if let Some(op) = d.outbound_port {
+        check_port("outbound_port", op)?;
+        if identity.is_none() {
+            return Err(
+                "outbound_port: needs `identity` (the shared outbound port already presents the \
+                 gateway's own identity)"
+                    .into(),
+            );
+        }
+        if op == s.gateway.outbound_port {
+            return Err(format!(
+                "outbound_port {op} is the shared outbound HTTP port"
+            ));
+        }
+    }
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in d.ports {
@@ -394,6 +411,12 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
         if gateway_port == s.gateway.outbound_port && s.gateway.addresses_overlap() {
             return Err(format!(
                 "ports[{}]: gateway_port {gateway_port} is the outbound HTTP port",
+                p.name
+            ));
+        }
+        if Some(gateway_port) == d.outbound_port && s.gateway.addresses_overlap() {
+            return Err(format!(
+                "ports[{}]: gateway_port {gateway_port} is this service's outbound_port",
                 p.name
             ));
         }
@@ -415,6 +438,7 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
         ports,
         backends: d.backends,
         identity,
+        outbound_port: d.outbound_port,
     })
 }
 
@@ -588,6 +612,46 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
                         format!(
                             "gateway_port {} is used by a local TCP port",
                             lp.gateway_port
+                        ),
+                    );
+                    continue;
+                }
+                // Windows-facing ports share the outbound address: each is used once.
+                if let Some(op) = w.outbound_port {
+                    let taken = local_ports.get(&op).cloned().or_else(|| {
+                        mesh.windows_services
+                            .iter()
+                            .find(|x| {
+                                x.outbound_port == Some(op)
+                                    || (s.gateway.addresses_overlap()
+                                        && x.ports.iter().any(|p| p.gateway_port == op))
+                            })
+                            .map(|x| x.host.clone())
+                    });
+                    if let Some(other) = taken {
+                        reject(
+                            "windows_service",
+                            v,
+                            i,
+                            format!("outbound_port {op} is already used by {other}"),
+                        );
+                        continue;
+                    }
+                }
+                if s.gateway.addresses_overlap()
+                    && let Some(p) = w.ports.iter().find(|p| {
+                        mesh.windows_services
+                            .iter()
+                            .any(|x| x.outbound_port == Some(p.gateway_port))
+                    })
+                {
+                    reject(
+                        "windows_service",
+                        v,
+                        i,
+                        format!(
+                            "gateway_port {} is another Windows service's outbound_port",
+                            p.gateway_port
                         ),
                     );
                     continue;

@@ -44,11 +44,58 @@ pub fn tcp_listener_name(local_port: u16) -> String {
     format!("winmesh_outbound_tcp_{local_port}")
 }
 
+/// Listener (and route configuration) of a Windows service's own outbound port.
+pub fn caller_listener_name(namespace: &str, name: &str) -> String {
+    format!("winmesh_outbound_http_{namespace}_{name}")
+}
+
+/// Who the gateway is when it calls Linux services: itself (the shared HTTP port and the local TCP
+/// ports), or a Windows service with its own identity and outbound port.
+struct Caller {
+    /// SDS name of the client certificate.
+    cert: String,
+    /// Appended to cluster names (empty for the gateway itself).
+    cluster_suffix: String,
+    listener: String,
+    port: u16,
+    /// Local TCP ports belong to the gateway's own identity.
+    tcp_ports: bool,
+}
+
+impl Caller {
+    fn gateway(mesh: &Mesh) -> Caller {
+        Caller {
+            cert: super::secret::DEFAULT.into(),
+            cluster_suffix: String::new(),
+            listener: HTTP_LISTENER.into(),
+            port: mesh.gateway.outbound_port,
+            tcp_ports: true,
+        }
+    }
+
+    fn windows_services(mesh: &Mesh) -> Vec<Caller> {
+        mesh.windows_services
+            .iter()
+            .filter_map(|w| {
+                let (id, port) = (w.identity.as_ref()?, w.outbound_port?);
+                Some(Caller {
+                    cert: id.to_string(),
+                    cluster_suffix: format!("|as-{}.{}", w.name, w.namespace),
+                    listener: caller_listener_name(&w.namespace, &w.name),
+                    port,
+                    tcp_ports: false,
+                })
+            })
+            .collect()
+    }
+}
+
 fn mtls_socket_match(
     svc: &Service,
     p: &ServicePort,
     mesh: &Mesh,
     ctx: &Ctx,
+    caller: &Caller,
 ) -> TransportSocketMatch {
     let sans = svc
         .expected_sans(&mesh.trust_domain)
@@ -58,7 +105,7 @@ fn mtls_socket_match(
     let tls = UpstreamTlsContext {
         sni: istio_sni(p.port, &svc.host),
         common_tls_context: Some(common_tls(
-            super::secret::DEFAULT,
+            &caller.cert,
             sans,
             p.protocol.istio_client_alpn(),
             ctx.secrets_via,
@@ -85,12 +132,17 @@ fn cluster_for(
     p: &ServicePort,
     mesh: &Mesh,
     ctx: &Ctx,
+    caller: &Caller,
     out: &mut Translated,
 ) -> String {
-    let name = outbound_cluster_name(p.port, &svc.host);
+    let name = format!(
+        "{}{}",
+        outbound_cluster_name(p.port, &svc.host),
+        caller.cluster_suffix
+    );
     let mut c = eds_cluster(&name, p.protocol.is_http2());
     c.transport_socket_matches = vec![
-        mtls_socket_match(svc, p, mesh, ctx),
+        mtls_socket_match(svc, p, mesh, ctx, caller),
         TransportSocketMatch {
             name: "tlsMode-disabled".into(),
             r#match: Some(Struct::default()),
@@ -169,6 +221,23 @@ fn istio_retry() -> RetryPolicy {
 }
 
 pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Vec<String>) {
+    translate_for(mesh, ctx, &Caller::gateway(mesh), out, warnings);
+    for caller in Caller::windows_services(mesh) {
+        // Host-name warnings are the same for every caller: report them once.
+        translate_for(mesh, ctx, &caller, out, &mut Vec::new());
+    }
+    for w in warnings.iter() {
+        warn!("{w}");
+    }
+}
+
+fn translate_for(
+    mesh: &Mesh,
+    ctx: &Ctx,
+    caller: &Caller,
+    out: &mut Translated,
+    warnings: &mut Vec<String>,
+) {
     // Short names (`name`, `name:port`) only where unambiguous across namespaces.
     let mut name_count: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &mesh.services {
@@ -186,8 +255,8 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Ve
             .or_else(|| http_ports.iter().min_by_key(|p| p.port))
             .map(|p| p.port);
         for p in &svc.ports {
-            let cluster = cluster_for(svc, p, mesh, ctx, out);
-            if let Some(lp) = p.local_port {
+            let cluster = cluster_for(svc, p, mesh, ctx, caller, out);
+            if let Some(lp) = p.local_port.filter(|_| caller.tcp_ports) {
                 out.listeners.push(Listener {
                     name: tcp_listener_name(lp),
                     address: Some(socket_address(mesh.gateway.outbound_address, lp)),
@@ -253,31 +322,25 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Ve
             });
         }
     }
-    for w in warnings.iter() {
-        warn!("{w}");
-    }
     out.routes.push(RouteConfiguration {
-        name: HTTP_ROUTE.into(),
+        name: caller.listener.clone(),
         virtual_hosts: vhosts,
         validate_clusters: Some(BoolValue { value: false }),
         ..Default::default()
     });
     let hcm = HttpConnectionManager {
-        stat_prefix: HTTP_LISTENER.into(),
+        stat_prefix: caller.listener.clone(),
         codec_type: CodecType::Auto as i32,
         route_specifier: Some(RouteSpecifier::Rds(Rds {
             config_source: Some(ads_config_source()),
-            route_config_name: HTTP_ROUTE.into(),
+            route_config_name: caller.listener.clone(),
         })),
         http_filters: vec![router()],
         ..Default::default()
     };
     out.listeners.push(Listener {
-        name: HTTP_LISTENER.into(),
-        address: Some(socket_address(
-            mesh.gateway.outbound_address,
-            mesh.gateway.outbound_port,
-        )),
+        name: caller.listener.clone(),
+        address: Some(socket_address(mesh.gateway.outbound_address, caller.port)),
         filter_chains: vec![FilterChain {
             filters: vec![network_filter(
                 "envoy.filters.network.http_connection_manager",

@@ -728,3 +728,118 @@ fn trust_domain_aliases_are_accepted_callers() {
         "no alias configured, none generated"
     );
 }
+
+#[test]
+fn a_windows_service_can_call_the_mesh_with_its_own_identity() {
+    // MESH's Windows services are followed by its policies: add one more Windows service.
+    let text = MESH.replacen(
+        "peer_authentications:\n",
+        "  - name: winclient\n    namespace: win\n    identity: spiffe://cluster.local/ns/win/sa/winclient\n    outbound_port: 15002\n    ports: [{name: http, port: 80, gateway_port: 15444}]\n    backends: [192.168.1.12]\npeer_authentications:\n",
+        1,
+    );
+    let (mesh, errs) = parse(&text, &settings()).unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    assert_eq!(mesh.windows_services[1].outbound_port, Some(15002));
+    let ctx = Ctx {
+        secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    };
+    let (t, _) = translate(&mesh, &ctx);
+    // Its own listener and routes, on its own port…
+    let l = listener(&t, "winmesh_outbound_http_win_winclient");
+    let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+        l.address.as_ref().unwrap().address.as_ref()
+    else {
+        panic!()
+    };
+    assert_eq!(
+        sa.port_specifier,
+        Some(
+            envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier::PortValue(
+                15002
+            )
+        )
+    );
+    let rc = t
+        .routes
+        .iter()
+        .find(|r| r.name == "winmesh_outbound_http_win_winclient")
+        .unwrap();
+    assert!(
+        format!("{rc:?}")
+            .contains("outbound|9080||reviews.default.svc.cluster.local|as-winclient.win")
+    );
+    // …leading to clusters that present its certificate, with the same SNI, ALPN and SANs.
+    let own = upstream_tls(cluster(
+        &t,
+        "outbound|9080||reviews.default.svc.cluster.local|as-winclient.win",
+    ));
+    let shared = upstream_tls(cluster(
+        &t,
+        "outbound|9080||reviews.default.svc.cluster.local",
+    ));
+    assert_eq!(own.sni, shared.sni);
+    let (own_c, shared_c) = (
+        own.common_tls_context.unwrap(),
+        shared.common_tls_context.unwrap(),
+    );
+    assert_eq!(own_c.alpn_protocols, shared_c.alpn_protocols);
+    assert_eq!(
+        own_c.validation_context_type,
+        shared_c.validation_context_type
+    );
+    assert_eq!(
+        own_c.tls_certificate_sds_secret_configs[0].name,
+        "spiffe://cluster.local/ns/win/sa/winclient"
+    );
+    assert_eq!(
+        shared_c.tls_certificate_sds_secret_configs[0].name,
+        "default"
+    );
+    assert!(
+        t.endpoints.iter().any(|c| c.cluster_name
+            == "outbound|9080||reviews.default.svc.cluster.local|as-winclient.win")
+    );
+    // Local TCP ports stay with the gateway's identity: no duplicate listener.
+    assert_eq!(
+        t.listeners
+            .iter()
+            .filter(|l| l.name == "winmesh_outbound_tcp_25432")
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn windows_outbound_ports_are_checked() {
+    let win = |extra: &str| {
+        format!(
+            "services:\n  - {{name: db, namespace: a, ports: [{{name: tcp, port: 5432, local_port: 25432}}]}}\nwindows_services:\n  - {{name: one, namespace: w, identity: spiffe://cluster.local/ns/w/sa/one, outbound_port: 15002, ports: [{{name: http, port: 80, gateway_port: 15443}}], backends: [10.0.0.1]}}\n{extra}"
+        )
+    };
+    let cases = [
+        (
+            "  - {name: two, namespace: w, outbound_port: 15003, ports: [{name: http, port: 80, gateway_port: 15444}], backends: [10.0.0.2]}\n",
+            "needs `identity`",
+        ),
+        (
+            "  - {name: two, namespace: w, identity: spiffe://cluster.local/ns/w/sa/two, outbound_port: 15001, ports: [{name: http, port: 80, gateway_port: 15444}], backends: [10.0.0.2]}\n",
+            "shared outbound HTTP port",
+        ),
+        (
+            "  - {name: two, namespace: w, identity: spiffe://cluster.local/ns/w/sa/two, outbound_port: 15002, ports: [{name: http, port: 80, gateway_port: 15444}], backends: [10.0.0.2]}\n",
+            "already used by one.w",
+        ),
+        (
+            "  - {name: two, namespace: w, identity: spiffe://cluster.local/ns/w/sa/two, outbound_port: 25432, ports: [{name: http, port: 80, gateway_port: 15444}], backends: [10.0.0.2]}\n",
+            "already used by db.a",
+        ),
+    ];
+    for (extra, want) in cases {
+        let (mesh, errs) = parse(&win(extra), &settings()).unwrap();
+        assert_eq!(errs.len(), 1, "{extra}: {errs:?}");
+        assert!(errs[0].message.contains(want), "{}", errs[0]);
+        assert_eq!(mesh.windows_services.len(), 1, "the good one stays");
+    }
+}
