@@ -126,15 +126,33 @@ fn serve_becomes_ready_and_status_talks_to_it() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).starts_with("NAME"));
+    // The readiness check for exec probes: ready once the (empty) mesh config is published.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = winmesh()
+            .args(["status", "--ready", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(out.status.code(), Some(1));
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = child.kill();
     let _ = child.wait();
-    // Nothing listening any more: status fails with exit code 1.
-    let out = winmesh()
-        .args(["status", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // Nothing listening any more: status (and the readiness check) fail with exit code 1.
+    for args in [&["status"][..], &["status", "--ready"][..]] {
+        let out = winmesh()
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+    }
 }
 
 #[test]

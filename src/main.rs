@@ -79,6 +79,10 @@ enum Cmd {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only check readiness (`/readyz`): exit 0 when ready, 1 otherwise. For exec probes, since
+        /// the debug port listens on the pod's loopback, which kubelet's HTTP probes cannot reach.
+        #[arg(long, conflicts_with = "json")]
+        ready: bool,
     },
 }
 
@@ -253,6 +257,7 @@ fn main() -> ExitCode {
             config,
             debug_addr,
             json,
+            ready,
         } => {
             let cfg = match config.as_deref().map(load).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -266,6 +271,17 @@ fn main() -> ExitCode {
                 }
             };
             let addr = debug_addr.unwrap_or(cfg.debug.listen);
+            if ready {
+                return runtime(async move {
+                    let (code, body) =
+                        winmesh::status::http_get(addr, "/readyz", token.as_deref()).await?;
+                    print!("{body}");
+                    if code != 200 {
+                        anyhow::bail!("not ready ({code})");
+                    }
+                    Ok(())
+                });
+            }
             runtime(async move {
                 let (code, body) =
                     winmesh::status::http_get(addr, "/debug/syncz", token.as_deref()).await?;
