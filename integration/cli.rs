@@ -141,6 +141,17 @@ fn serve_becomes_ready_and_status_talks_to_it() {
         assert!(Instant::now() < deadline, "never ready");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // winmesh is ready but no Envoy answers on the admin address: not ready.
+    let out = winmesh()
+        .args(["status", "--ready", "--envoy", "--envoy-admin"])
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Envoy admin"), "{err}");
     let _ = child.kill();
     let _ = child.wait();
     // Nothing listening any more: status (and the readiness check) fail with exit code 1.

@@ -125,6 +125,23 @@ async fn initial_config_arrives_over_sotw_and_delta() {
         let url = listener_url(&envoy).await;
         wait_body(&envoy, &url, "backend-a").await;
         wait_synced(&running, &envoy, &["CDS", "EDS", "LDS", "RDS"]).await;
+        // The probe command sees both winmesh and Envoy ready.
+        let probe = std::process::Command::new(env!("CARGO_BIN_EXE_winmesh"))
+            .arg("status")
+            .arg("--ready")
+            .arg("--envoy")
+            .arg("--debug-addr")
+            .arg(running.debug_addr.to_string())
+            .arg("--envoy-admin")
+            .arg(envoy.admin.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            probe.status.success(),
+            "{}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        assert!(String::from_utf8_lossy(&probe.stdout).contains("envoy: LIVE"));
         let v = syncz(&running).await;
         let c = &v["clients"][0];
         assert_eq!(c["node_id"], format!("gw-{mode:?}"));

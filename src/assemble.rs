@@ -56,6 +56,8 @@ pub async fn run(
     metrics: std::sync::Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Without a CA nobody ever sends secrets: a closed secrets channel only means "no changes".
+    let mut secrets_open = true;
     loop {
         let current = mesh.borrow_and_update().clone();
         let set = secrets.borrow_and_update().clone();
@@ -84,10 +86,45 @@ pub async fn run(
         }
         tokio::select! {
             r = mesh.changed() => if r.is_err() { return; },
-            r = secrets.changed() => if r.is_err() { return; },
+            r = secrets.changed(), if secrets_open => if r.is_err() {
+                secrets_open = false;
+                continue;
+            },
             _ = shutdown.changed() => return,
         }
         // Debounce: let a burst of changes settle into one push.
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a CA the secrets sender is gone before the mesh arrives: the mesh is still published.
+    #[tokio::test]
+    async fn a_closed_secrets_channel_does_not_stop_publishing() {
+        let (cache, writer) = crate::xds::cache::snapshot_cache();
+        let (mesh_tx, mesh_rx) = watch::channel::<MeshResources>(None);
+        let secrets_rx = watch::channel(SecretSet::default()).1;
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let task = tokio::spawn(run(writer, mesh_rx, secrets_rx, metrics, stop_rx));
+        // Let the assembler see the closed channel first.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!cache.is_ready());
+        mesh_tx.send_replace(Some(std::sync::Arc::new(Translated::default())));
+        let mut notify = cache.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !cache.is_ready() {
+                if notify.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("snapshot published");
+        assert!(cache.is_ready());
+        task.abort();
     }
 }

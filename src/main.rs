@@ -83,6 +83,13 @@ enum Cmd {
         /// the debug port listens on the pod's loopback, which kubelet's HTTP probes cannot reach.
         #[arg(long, conflicts_with = "json")]
         ready: bool,
+        /// With `--ready`: also require the gateway Envoy's admin `/ready` to say LIVE (the admin
+        /// address comes from `envoy.admin` in the config, or `--envoy-admin`).
+        #[arg(long, requires = "ready")]
+        envoy: bool,
+        /// Envoy admin address for `--envoy` (overrides the config).
+        #[arg(long, requires = "envoy")]
+        envoy_admin: Option<std::net::SocketAddr>,
     },
 }
 
@@ -258,6 +265,8 @@ fn main() -> ExitCode {
             debug_addr,
             json,
             ready,
+            envoy,
+            envoy_admin,
         } => {
             let cfg = match config.as_deref().map(load).transpose() {
                 Ok(c) => c.unwrap_or_default(),
@@ -272,12 +281,22 @@ fn main() -> ExitCode {
             };
             let addr = debug_addr.unwrap_or(cfg.debug.listen);
             if ready {
+                let admin = envoy.then(|| envoy_admin.unwrap_or(cfg.envoy.admin));
                 return runtime(async move {
                     let (code, body) =
                         winmesh::status::http_get(addr, "/readyz", token.as_deref()).await?;
                     print!("{body}");
                     if code != 200 {
                         anyhow::bail!("not ready ({code})");
+                    }
+                    if let Some(admin) = admin {
+                        let (code, state) = winmesh::status::http_get(admin, "/ready", None)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("Envoy admin {admin}: {e}"))?;
+                        println!("envoy: {}", state.trim());
+                        if code != 200 || state.trim() != "LIVE" {
+                            anyhow::bail!("Envoy is not LIVE ({code} {})", state.trim());
+                        }
                     }
                     Ok(())
                 });
