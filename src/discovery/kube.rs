@@ -207,7 +207,14 @@ fn service(svc: &KService, domain_suffix: &str) -> Result<Option<Service>, Strin
 
 /// Endpoints of one Service from its EndpointSlices, deduplicated by address (an address listed
 /// twice is ready if any listing says so), sorted by address.
-fn endpoints(svc: &Service, slices: &[&EndpointSlice], pods: &PodIndex) -> Vec<Endpoint> {
+/// `publish_not_ready`: the Service's `publishNotReadyAddresses`, which makes every listed address
+/// count as ready (as Istio does).
+fn endpoints(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    pods: &PodIndex,
+    publish_not_ready: bool,
+) -> Vec<Endpoint> {
     let known_ports: BTreeSet<&str> = svc.ports.iter().map(|p| p.name.as_str()).collect();
     let mut out: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
     for slice in slices {
@@ -230,7 +237,8 @@ fn endpoints(svc: &Service, slices: &[&EndpointSlice], pods: &PodIndex) -> Vec<E
                 continue;
             };
             // Kubernetes: a missing `ready` condition means ready.
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let ready =
+                publish_not_ready || ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             let pod = ep
                 .target_ref
                 .as_ref()
@@ -325,7 +333,12 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
                     .get(&(svc.namespace.clone(), svc.name.clone()))
                     .map(|v| v.as_slice())
                     .unwrap_or(&[]);
-                svc.endpoints = endpoints(&svc, mine, &pods);
+                let publish_not_ready = k
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.publish_not_ready_addresses)
+                    .unwrap_or(false);
+                svc.endpoints = endpoints(&svc, mine, &pods, publish_not_ready);
                 out.services.push(svc);
             }
             Ok(None) => {}
@@ -887,6 +900,22 @@ mod tests {
                 "spiffe://x.td/ns/a/sa/b",
             ]
         );
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_counts_every_address_as_ready() {
+        // Without the second slice, 10.0.0.3 is listed only as not ready.
+        let mut o = objects();
+        o.endpoint_slices.remove(1);
+        let before = build(&o, "cluster.local");
+        assert!(!before.services[0].endpoints[1].ready);
+        let mut svc = (*o.services[0]).clone();
+        if let Some(spec) = svc.spec.as_mut() {
+            spec.publish_not_ready_addresses = Some(true);
+        }
+        o.services[0] = Arc::new(svc);
+        let m = build(&o, "cluster.local");
+        assert!(m.services[0].endpoints.iter().all(|e| e.ready));
     }
 
     #[test]
