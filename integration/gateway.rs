@@ -13,7 +13,6 @@ use serde_json::Value;
 use support::tls::{MeshClient, SanCheck};
 use support::{Backend, Envoy, Traffic, free_port, wait_for};
 use winmesh::bootstrap::{BootstrapOptions, bootstrap_yaml};
-use winmesh::config::Config;
 use winmesh::identity::SpiffeId;
 use winmesh::identity::dev_ca::DevCa;
 use winmesh::sidecar::{Inbound, Outbound, PEER_EXCHANGE_MAGIC, Sidecar};
@@ -138,18 +137,8 @@ impl World {
         )
         .unwrap();
         let state = dir.path().join("dev-ca");
-        let cfg_text = format!(
-            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
-             ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n\
-             gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n",
-            state.display(),
-            mesh_file.display()
-        );
-        let cfg_path = dir.path().join("winmesh.yaml");
-        std::fs::write(&cfg_path, cfg_text).unwrap();
-        let mut cfg = Config::load(&cfg_path).expect("config");
-        let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
-        cfg.xds.listen = server.running.xds_addr;
+        let (server, cfg) =
+            support::start_gateway_winmesh(dir.path(), &mesh_file, out_port, "").await;
         let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
 
         // The Linux side: certificates from the same mesh CA, Istio sidecar configuration.
@@ -288,6 +277,11 @@ impl World {
             path,
         )
         .await
+    }
+
+    /// winapp's own backend, for re-rendering the mesh file with it.
+    fn winapp_backend(&self) -> Backend {
+        FakePort(self._apps[0].addr.port()).backend()
     }
 
     fn edit_mesh(&self, extra: &str, win_backend: &Backend) {
@@ -607,11 +601,7 @@ async fn authorization_policies_deny_and_allow() {
         },
     )
     .await;
-    let win = Backend {
-        addr: w._apps[0].addr,
-        name: String::new(),
-        task: tokio::spawn(async {}),
-    };
+    let win = w.winapp_backend();
 
     // DENY the Linux app: 403.
     w.edit_mesh(
@@ -857,18 +847,7 @@ peer_authentications:
         std::fs::rename(&tmp, &mesh_file).unwrap();
     };
     write_mesh(mesh("  - {namespace: istio-system, mode: DISABLE}\n"));
-    let cfg_text = format!(
-        "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
-         ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n\
-         gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n",
-        dir.path().join("dev-ca").display(),
-        mesh_file.display()
-    );
-    let cfg_path = dir.path().join("winmesh.yaml");
-    std::fs::write(&cfg_path, cfg_text).unwrap();
-    let mut cfg = Config::load(&cfg_path).expect("config");
-    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
-    cfg.xds.listen = server.running.xds_addr;
+    let (server, cfg) = support::start_gateway_winmesh(dir.path(), &mesh_file, out_port, "").await;
     let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
     let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
     let get = |host: &'static str| async move {
@@ -927,11 +906,7 @@ async fn a_windows_app_calls_linux_with_its_own_identity() {
     };
     const CLIENT_ID: &str = "spiffe://cluster.local/ns/win/sa/winclient";
     let (own_port, its_gateway_port) = (free_port(), free_port());
-    let win = Backend {
-        addr: w._apps[0].addr,
-        name: String::new(),
-        task: tokio::spawn(async {}),
-    };
+    let win = w.winapp_backend();
     w.edit_mesh(
         &format!(
             "  - name: winclient\n    namespace: win\n    identity: {CLIENT_ID}\n    outbound_port: {own_port}\n    ports:\n      - {{name: http, port: 80, gateway_port: {its_gateway_port}}}\n    backends: [127.0.0.1]\n"

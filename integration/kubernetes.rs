@@ -51,19 +51,16 @@ async fn start_winmesh(kube: &FakeKube, gateway_port: u16, extra_mesh: &str) -> 
     kube.write_kubeconfig(&kubeconfig);
     let mesh_file = dir.path().join("mesh.yaml");
     std::fs::write(&mesh_file, extra_mesh).unwrap();
-    let cfg_text = format!(
-        "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
-         ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n  kubernetes:\n    enabled: true\n    kubeconfig: {}\n    debounce: 50ms\n\
-         gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {gateway_port}\n",
-        dir.path().join("dev-ca").display(),
-        mesh_file.display(),
-        kubeconfig.display(),
-    );
-    let cfg_path = dir.path().join("winmesh.yaml");
-    std::fs::write(&cfg_path, cfg_text).unwrap();
-    let mut cfg = Config::load(&cfg_path).expect("config");
-    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
-    cfg.xds.listen = server.running.xds_addr;
+    let (server, cfg) = support::start_gateway_winmesh(
+        dir.path(),
+        &mesh_file,
+        gateway_port,
+        &format!(
+            "  kubernetes:\n    enabled: true\n    kubeconfig: {}\n    debounce: 50ms\n",
+            kubeconfig.display()
+        ),
+    )
+    .await;
     Mirror {
         _dir: dir,
         server,

@@ -211,7 +211,6 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         },
     };
     let (file_tx, file_rx) = watch::channel(MeshState::default());
-    let state_tx = file_tx;
     match &cfg.mesh.file {
         Some(path) => {
             let src = FileSource {
@@ -220,13 +219,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
                 poll: cfg.mesh.poll_interval,
                 metrics: metrics.clone(),
             };
-            tasks.push(tokio::spawn(src.run(state_tx, running.shutdown_signal())));
+            tasks.push(tokio::spawn(src.run(file_tx, running.shutdown_signal())));
         }
         None => {
             let mesh = crate::discovery::file::parse("", &settings)
                 .map_err(anyhow::Error::msg)?
                 .0;
-            state_tx.send_replace(MeshState {
+            file_tx.send_replace(MeshState {
                 mesh: Some(Arc::new(mesh)),
                 generation: 1,
                 ..Default::default()
@@ -234,7 +233,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             tasks.push(tokio::spawn(async move {
                 // Keep the sender alive for the server's lifetime.
                 std::future::pending::<()>().await;
-                drop(state_tx);
+                drop(file_tx);
             }));
         }
     }

@@ -446,3 +446,28 @@ pub async fn get_text(url: &str) -> Option<(u16, String)> {
     let code = r.status().as_u16();
     Some((code, r.text().await.ok()?))
 }
+
+/// Starts winmesh for gateway tests on loopback: identity `spiffe://cluster.local/ns/winmesh/sa/gw` from
+/// a dev CA kept in `dir`, `mesh_file` polled every 100 ms (`mesh_extra`: more lines under `mesh:`,
+/// indented by two spaces), Windows-facing HTTP port `out_port`. Returns the server and its config with
+/// `xds.listen` set to the bound address, ready for `winmesh bootstrap`.
+pub async fn start_gateway_winmesh(
+    dir: &Path,
+    mesh_file: &Path,
+    out_port: u16,
+    mesh_extra: &str,
+) -> (winmesh::serve::Server, winmesh::config::Config) {
+    let cfg_text = format!(
+        "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
+         ca:\n  mode: dev\n  state_dir: {}\nmesh:\n  file: {}\n  poll_interval: 100ms\n{mesh_extra}\
+         gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n",
+        dir.join("dev-ca").display(),
+        mesh_file.display()
+    );
+    let cfg_path = dir.join("winmesh.yaml");
+    std::fs::write(&cfg_path, cfg_text).expect("write config");
+    let mut cfg = winmesh::config::Config::load(&cfg_path).expect("config");
+    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
+    cfg.xds.listen = server.running.xds_addr;
+    (server, cfg)
+}

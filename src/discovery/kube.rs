@@ -590,7 +590,7 @@ impl KubeSource {
                                 info!(kind = kind.name(), "Kubernetes watch recovered");
                                 self.publish_errors(&tx, &errors);
                             }
-                            pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+                            touch(&mut pending, now);
                         }
                         Signal::Error { kind, message } => {
                             self.metrics.inc(
@@ -609,7 +609,7 @@ impl KubeSource {
                             // PeerAuthentications to wait for.
                             if kind == Kind::PeerAuthentications {
                                 listed.insert(kind.name());
-                                pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
+                                touch(&mut pending, now);
                             }
                         }
                     }
@@ -680,6 +680,11 @@ impl KubeSource {
             "Kubernetes mirror updated"
         );
     }
+}
+
+/// Records a change at `now` in the debounce window (first unpublished change, latest change).
+fn touch(pending: &mut Option<(Instant, Instant)>, now: Instant) {
+    *pending = Some(pending.map_or((now, now), |(first, _)| (first, now)));
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -37,8 +37,8 @@ use crate::assemble::Translated;
 use crate::bootstrap::ads_config_source;
 use crate::model::{Mesh, Service, ServicePort, TlsMode};
 
+/// The shared Windows-facing HTTP listener; its route configuration has the same name.
 pub const HTTP_LISTENER: &str = "winmesh_outbound_http";
-pub const HTTP_ROUTE: &str = "winmesh_outbound_http";
 
 pub fn tcp_listener_name(local_port: u16) -> String {
     format!("winmesh_outbound_tcp_{local_port}")
