@@ -101,9 +101,13 @@ impl DeltaStream {
         let first = !st.requested;
         st.requested = true;
         if first {
-            // Only the first request of a type on a stream may carry what the client already has.
+            // Only the first request of a type on a stream may carry what the client already has. The
+            // client runs those versions, so they also count as ACKed: otherwise make-before-break
+            // would wait for ACKs of listeners and routes that are unchanged and never re-sent, and
+            // resources deleted while the client was away would never be removed (istio#41494).
             for (name, version) in &req.initial_resource_versions {
                 st.known.insert(name.clone(), version.clone());
+                st.acked.insert(name.clone(), version.clone());
             }
         }
         st.sub.apply_delta(
@@ -227,6 +231,9 @@ impl DeltaStream {
                 .known
                 .keys()
                 .filter(|k| !desired.contains_key(*k))
+                // A secret that is still subscribed is awaited, never reported removed (see below),
+                // even when the client held it from before a restart.
+                .filter(|k| t != TypeUrl::Secret || !st.sub.wants(k))
                 .cloned()
                 .collect();
             v.sort();

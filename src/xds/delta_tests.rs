@@ -334,3 +334,116 @@ fn missing_secrets_are_awaited_not_reported() {
     assert_eq!(updated(&r), vec!["ROOTCA", "default"]);
     assert!(r.removed_resources.is_empty());
 }
+
+/// What a reconnecting Envoy sends: every type at once, each with `initial_resource_versions`.
+fn reconnect(
+    s: &mut DeltaStream,
+    held: &std::sync::Arc<super::cache::ResourceSnapshot>,
+    extra: &[(TypeUrl, &str)],
+) {
+    for (t, sub) in [
+        (Cluster, vec![]),
+        (Endpoint, vec!["a", "gone"]),
+        (Listener, vec![]),
+        (Route, vec!["r"]),
+    ] {
+        let mut r = first(t, &sub);
+        r.initial_resource_versions = held
+            .resources(t)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.version.clone()))
+            .collect();
+        for (xt, name) in extra {
+            if *xt == t {
+                r.initial_resource_versions
+                    .insert(name.to_string(), "old".into());
+            }
+        }
+        s.handle_request(&r, Instant::now()).unwrap();
+    }
+}
+
+#[test]
+fn resources_deleted_while_down_are_removed_on_reconnect() {
+    // Envoy held clusters a and gone (and gone's endpoints) from before the restart; the new winmesh
+    // only has a. Routes and listeners are unchanged, so their answers carry nothing: the removal must
+    // not wait for an ACK of something that is never sent.
+    let before = Fx::new(&["a", "gone"], "a").build();
+    let mut s = DeltaStream::new_ads("winmesh");
+    s.set_snapshot(Fx::new(&["a"], "a").build());
+    reconnect(&mut s, &before, &[]);
+    let mut removed: Vec<(TypeUrl, String)> = vec![];
+    for _ in 0..10 {
+        let v = drain(&mut s);
+        if v.is_empty() {
+            break;
+        }
+        for (t, r) in v {
+            removed.extend(r.removed_resources.iter().map(|n| (t, n.clone())));
+            ack(&mut s, t, &r);
+        }
+    }
+    assert!(removed.contains(&(Cluster, "gone".into())), "{removed:?}");
+    assert!(removed.contains(&(Endpoint, "gone".into())), "{removed:?}");
+    assert!(
+        s.status().iter().all(|t| t.status == SyncStatus::Synced),
+        "{:?}",
+        s.status()
+    );
+}
+
+#[test]
+fn listeners_and_routes_deleted_while_down_are_removed_on_reconnect() {
+    let now = Fx::new(&["a"], "a").build();
+    let mut s = DeltaStream::new_ads("winmesh");
+    s.set_snapshot(now.clone());
+    reconnect(
+        &mut s,
+        &now,
+        &[(Listener, "old-listener"), (Cluster, "old-cluster")],
+    );
+    let mut removed: Vec<(TypeUrl, String)> = vec![];
+    for _ in 0..10 {
+        let v = drain(&mut s);
+        if v.is_empty() {
+            break;
+        }
+        for (t, r) in v {
+            removed.extend(r.removed_resources.iter().map(|n| (t, n.clone())));
+            ack(&mut s, t, &r);
+        }
+    }
+    assert!(
+        removed.contains(&(Listener, "old-listener".into())),
+        "{removed:?}"
+    );
+    assert!(
+        removed.contains(&(Cluster, "old-cluster".into())),
+        "{removed:?}"
+    );
+}
+
+#[test]
+fn awaited_secrets_held_from_before_are_not_reported_removed() {
+    // Envoy held `default` from before the restart; the new winmesh has no certificate yet. Saying
+    // "removed" would take Envoy's listeners live without a certificate: wait instead.
+    let mut fx = Fx::new(&["a"], "a");
+    fx.secrets = vec![("default".into(), 1)];
+    let before = fx.build();
+    let mut s = DeltaStream::new_sds("winmesh");
+    s.set_snapshot(Fx::new(&["a"], "a").build());
+    let mut r = first(Secret, &["default"]);
+    r.initial_resource_versions = [(
+        "default".to_string(),
+        before.get(Secret, "default").unwrap().version.clone(),
+    )]
+    .into();
+    s.handle_request(&r, Instant::now()).unwrap();
+    for (_, resp) in drain(&mut s) {
+        assert!(
+            resp.removed_resources.is_empty(),
+            "{:?}",
+            resp.removed_resources
+        );
+    }
+}
