@@ -524,3 +524,56 @@ async fn generated_bootstraps_pass_envoy_validation() {
         );
     }
 }
+
+/// A cluster deleted while winmesh was down must leave Envoy after it reconnects: in delta mode Envoy
+/// names it in `initial_resource_versions`, and only `removed_resources` takes it away.
+async fn deleted_while_down(mode: XdsMode) {
+    support::init_tracing();
+    let Some(bin) = bin() else { return };
+    let a = Backend::start("A").await;
+    let b = Backend::start("B").await;
+    let (running, mut writer, cfg) = start_winmesh("127.0.0.1:0".parse().unwrap()).await;
+    writer.publish(mesh("a", &[("a", &[a.addr]), ("b", &[b.addr])]));
+    let envoy = start_envoy(&bin, &cfg, mode).await;
+    let url = listener_url(&envoy).await;
+    wait_body(&envoy, &url, "A").await;
+    wait_synced(&running, &envoy, &["CDS", "EDS", "LDS", "RDS"]).await;
+    assert!(envoy.clusters().await.contains(&"b".to_string()));
+
+    let xds_addr = running.xds_addr;
+    running.stop().await;
+    wait_for(
+        "envoy notices the control plane is gone",
+        T,
+        || envoy.diagnostics(),
+        || async { (envoy.stat("control_plane.connected_state").await == 0).then_some(()) },
+    )
+    .await;
+    // While winmesh was down, b was deleted.
+    let (running, mut writer, _) = start_winmesh(xds_addr).await;
+    writer.publish(mesh("a", &[("a", &[a.addr])]));
+    wait_for(
+        "envoy dropped the cluster deleted while winmesh was down",
+        T,
+        || envoy.diagnostics(),
+        || async {
+            let c = envoy.clusters().await;
+            (c.contains(&"a".to_string()) && !c.contains(&"b".to_string())).then_some(())
+        },
+    )
+    .await;
+    wait_synced(&running, &envoy, &["CDS", "EDS", "LDS", "RDS"]).await;
+    wait_body(&envoy, &url, "A").await;
+    envoy.stop().await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_while_down_is_removed_after_reconnect_delta() {
+    deleted_while_down(XdsMode::Delta).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleted_while_down_is_removed_after_reconnect_sotw() {
+    deleted_while_down(XdsMode::Sotw).await;
+}
