@@ -72,6 +72,7 @@ fn main() {
             outbound_address: "127.0.0.1".parse().unwrap(),
             outbound_port: 15001,
         },
+        reserved: vec![],
     };
     let ctx = Ctx {
         secrets_via: winmesh::config::SecretsVia::Ads,

@@ -46,6 +46,70 @@ fn validate_accepts_a_good_file_and_rejects_a_bad_one_with_exit_2() {
 }
 
 #[test]
+fn validate_checks_the_mesh_file_the_config_names_and_a_mesh_file_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "mesh.yaml", "services: [this is: not: valid");
+    let cfg = write(&dir, "winmesh.yaml", "mesh:\n  file: mesh.yaml\n");
+    let out = winmesh().arg("validate").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "a broken mesh file is not ok");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid mesh file") && err.contains("mesh.yaml"),
+        "{err}"
+    );
+
+    // One skipped object is reported as serve would log it.
+    let mesh = write(
+        &dir,
+        "objects.yaml",
+        "windows_services:\n  - {name: a, namespace: win, ports: [{name: http, port: 80, gateway_port: 15000}], backends: [10.0.0.1]}\n",
+    );
+    let out = winmesh()
+        .args(["validate", "--mesh"])
+        .arg(&mesh)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("windows_service win/a")
+            && err.contains("gateway_port 15000 is already used by envoy.admin"),
+        "{err}"
+    );
+    // With a config whose Envoy admin port is elsewhere, the same file is fine.
+    let cfg2 = write(&dir, "other.yaml", "envoy:\n  admin: 127.0.0.1:19000\n");
+    let out = winmesh()
+        .args(["validate", "--mesh"])
+        .arg(&mesh)
+        .arg(&cfg2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The gateway's own outbound port on Envoy's admin port.
+    let clash = write(&dir, "clash.yaml", "gateway:\n  outbound_port: 15000\n");
+    let out = winmesh().arg("validate").arg(&clash).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gateway.outbound_port"));
+}
+
+#[test]
+fn a_deeply_nested_config_is_refused_quickly_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = write(
+        &dir,
+        "deep.yaml",
+        &format!("xds: {}\n", "[".repeat(200_000)),
+    );
+    let out = winmesh().arg("validate").arg(&deep).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nesting deeper than"));
+}
+
+#[test]
 fn serve_with_a_broken_config_exits_2_without_listening() {
     let dir = tempfile::tempdir().unwrap();
     let bad = write(&dir, "bad.yaml", "debug:\n  listen: 0.0.0.0:0\n");
@@ -213,6 +277,7 @@ fn manifests_carry_a_valid_config_and_mesh_file() {
             outbound_address: "0.0.0.0".parse().unwrap(),
             outbound_port: 15001,
         },
+        reserved: vec![],
     };
     let (mesh, rejected) =
         winmesh::discovery::file::parse(cm["data"]["mesh.yaml"].as_str().unwrap(), &settings)

@@ -811,6 +811,86 @@ async fn a_broken_mesh_file_keeps_serving_the_last_good_model() {
     w.stop().await;
 }
 
+/// Everyday incomplete writes while serving (issue: outage safety): an empty file, an empty file renamed
+/// into place, a copy cut at a line boundary, and a slow non-atomic write. None may reach Envoy:
+/// Linux → Windows traffic keeps flowing with zero failures, and the error is visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_mesh_file_writes_never_reach_envoy() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let url = format!("http://{}/", w.sc_to_win);
+    wait_for(
+        "baseline",
+        T,
+        || w.diag(),
+        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    let good = std::fs::read_to_string(&w.mesh_file).unwrap();
+    let accept = Arc::new(Mutex::new(vec!["winapp".to_string()]));
+    let traffic = Traffic::start(url.clone(), accept);
+    let metrics = w.server.running.metrics.clone();
+    let refused = || async {
+        wait_for(
+            "the incomplete file is refused",
+            T,
+            || async { String::new() },
+            || async { (metrics.value("winmesh_mesh_file_error", &[]) == Some(1.0)).then_some(()) },
+        )
+        .await;
+        // Give a wrongly applied mesh time to reach Envoy before the next step.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let restore = || async {
+        std::fs::write(&w.mesh_file, &good).unwrap();
+        wait_for(
+            "the complete file is back",
+            T,
+            || async { String::new() },
+            || async { (metrics.value("winmesh_mesh_file_error", &[]) == Some(0.0)).then_some(()) },
+        )
+        .await;
+    };
+    // `: > mesh.yaml`
+    std::fs::write(&w.mesh_file, "").unwrap();
+    refused().await;
+    restore().await;
+    // An empty file renamed into place (atomic, but empty).
+    let tmp = w.mesh_file.with_extension("tmp");
+    std::fs::write(&tmp, "").unwrap();
+    std::fs::rename(&tmp, &w.mesh_file).unwrap();
+    refused().await;
+    restore().await;
+    // A copy cut just before `windows_services:`.
+    let cut = &good[..good.find("windows_services:").unwrap()];
+    std::fs::write(&w.mesh_file, cut).unwrap();
+    refused().await;
+    restore().await;
+    // A slow non-atomic write: truncated, half written, a short pause, then the rest.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&w.mesh_file).unwrap();
+        let half = good.len() / 2;
+        f.write_all(&good.as_bytes()[..half]).unwrap();
+        f.flush().unwrap();
+        tokio::time::sleep(Duration::from_millis(15)).await;
+        f.write_all(&good.as_bytes()[half..]).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, failed, last) = traffic.stop().await;
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} requests failed during incomplete writes; last: {last}\n{}",
+        ok + failed,
+        w.diag().await
+    );
+    assert!(ok > 10);
+    assert_eq!(metrics.value("winmesh_mesh_file_error", &[]), Some(0.0));
+    w.stop().await;
+}
+
 /// Windows → Linux auto-mTLS as an Istio client does it: endpoints without `tlsMode: istio` get
 /// plaintext; a mesh-wide PeerAuthentication DISABLE (root namespace) makes labelled endpoints
 /// plaintext too, and a namespace policy overrides the mesh-wide one. The Linux app here has no

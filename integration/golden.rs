@@ -32,6 +32,7 @@ fn translate_file(path: &Path, via: SecretsVia) -> Translated {
             outbound_address: "127.0.0.1".parse().unwrap(),
             outbound_port: 15001,
         },
+        reserved: vec![],
     };
     let (mesh, rejected) = parse(&text, &settings).unwrap();
     assert!(rejected.is_empty(), "{rejected:?}");

@@ -36,9 +36,14 @@ pub struct Config {
 pub struct MeshConfig {
     /// Mesh file (docs/mesh-file.md), watched and reloaded on change. Relative to this config file.
     pub file: Option<PathBuf>,
-    /// How often the mesh file is checked for changes.
+    /// Safety-net poll of the mesh file's metadata (changes are normally noticed at once through OS
+    /// file notifications).
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
+    /// How long the mesh file must be unchanged before it is read, so a file still being written is
+    /// never applied half-way.
+    #[serde(with = "duration_str")]
+    pub settle: Duration,
     /// Kubernetes cluster domain (`<name>.<ns>.svc.<domain_suffix>`).
     pub domain_suffix: String,
     /// Istio's root namespace (MeshConfig `rootNamespace`): a PeerAuthentication there is mesh-wide.
@@ -61,9 +66,13 @@ pub struct KubernetesConfig {
     /// Longest a rebuild waits under constant churn.
     #[serde(with = "duration_str")]
     pub debounce_max: Duration,
-    /// How long to wait for the first complete listing before serving the mesh file alone.
+    /// How long to wait for the first complete listing before serving the mesh file alone (only
+    /// when no persisted state exists).
     #[serde(with = "duration_str")]
     pub sync_timeout: Duration,
+    /// Where the last complete mirrored objects are persisted (relative to this config file), so a
+    /// restart during an API outage serves them instead of less. Empty string: do not persist.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for KubernetesConfig {
@@ -74,6 +83,7 @@ impl Default for KubernetesConfig {
             debounce: Duration::from_millis(100),
             debounce_max: Duration::from_secs(1),
             sync_timeout: Duration::from_secs(30),
+            state_file: Some(PathBuf::from(".state/kubernetes-mirror.json")),
         }
     }
 }
@@ -83,6 +93,7 @@ impl Default for MeshConfig {
         MeshConfig {
             file: None,
             poll_interval: Duration::from_secs(1),
+            settle: Duration::from_millis(50),
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             kubernetes: KubernetesConfig::default(),
@@ -368,6 +379,9 @@ impl Default for EnvoyConfig {
     }
 }
 
+/// The largest config file read.
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
 /// A config error: which field, what is wrong, and where in the file if known.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{file}: {field}: {message}{}", .line.map(|(l, c)| format!(" (line {l}, column {c})")).unwrap_or_default())]
@@ -392,6 +406,13 @@ impl Config {
         }
         if let Some(p) = self.mesh.kubernetes.kubeconfig.as_mut() {
             fix(p);
+        }
+        if let Some(p) = self.mesh.kubernetes.state_file.as_mut() {
+            if p.as_os_str().is_empty() {
+                self.mesh.kubernetes.state_file = None;
+            } else {
+                fix(p);
+            }
         }
         if let Some(p) = self.xds.token_file.as_mut() {
             fix(p);
@@ -437,6 +458,15 @@ impl Config {
     }
 
     fn parse_unvalidated(text: &str, file: &str) -> Result<Config, ConfigError> {
+        crate::yamlcheck::check(text, MAX_CONFIG_BYTES).map_err(|e| ConfigError {
+            file: file.to_string(),
+            field: "(file)".into(),
+            message: e.to_string(),
+            line: match e {
+                crate::yamlcheck::Error::TooDeep { line, .. } => Some((line, 1)),
+                crate::yamlcheck::Error::TooLarge { .. } => None,
+            },
+        })?;
         let cfg: Config = if text.trim().is_empty() {
             Config::default()
         } else {
@@ -467,6 +497,19 @@ impl Config {
             })?
         };
         Ok(cfg)
+    }
+
+    /// Ports this host already uses besides the gateway's listeners: Envoy's admin, the xDS and the
+    /// debug server (port 0 = chosen by the OS, never a clash).
+    pub fn reserved_ports(&self) -> Vec<(&'static str, SocketAddr)> {
+        [
+            ("envoy.admin", self.envoy.admin),
+            ("xds.listen", self.xds.listen),
+            ("debug.listen", self.debug.listen),
+        ]
+        .into_iter()
+        .filter(|(_, a)| a.port() != 0)
+        .collect()
     }
 
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
@@ -581,6 +624,25 @@ impl Config {
         }
         if self.mesh.poll_interval < Duration::from_millis(50) {
             return Err(err("mesh.poll_interval", "must be at least 50ms".into()));
+        }
+        if self.mesh.settle > Duration::from_secs(60) {
+            return Err(err("mesh.settle", "must be at most 60s".into()));
+        }
+        // Gateway listeners must not take a port that Envoy's admin, the xDS or the debug server use.
+        for (what, addr) in self.reserved_ports() {
+            let clash = addr.port() == self.gateway.outbound_port
+                && (addr.ip() == self.gateway.outbound_address
+                    || addr.ip().is_unspecified()
+                    || self.gateway.outbound_address.is_unspecified());
+            if clash {
+                return Err(err(
+                    "gateway.outbound_port",
+                    format!(
+                        "{} is already used by {what} ({addr})",
+                        self.gateway.outbound_port
+                    ),
+                ));
+            }
         }
         if self.mesh.domain_suffix.is_empty()
             || self.mesh.domain_suffix.starts_with('.')

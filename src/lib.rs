@@ -18,3 +18,4 @@ pub mod sidecar;
 pub mod status;
 pub mod translate;
 pub mod xds;
+pub mod yamlcheck;

@@ -45,10 +45,15 @@ enum Cmd {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
-    /// Check a config file and exit (0 = valid, 2 = invalid).
+    /// Check a config file and the mesh file it names, or (`--mesh`) a mesh file alone, with the
+    /// errors `serve` would log (0 = valid, 2 = invalid).
     Validate {
-        /// Config file (YAML).
-        file: PathBuf,
+        /// Config file (YAML). With `--mesh`, optional: its settings (trust domain, ports) apply.
+        #[arg(required_unless_present = "mesh")]
+        file: Option<PathBuf>,
+        /// A mesh file to check (instead of the config's `mesh.file`).
+        #[arg(long)]
+        mesh: Option<PathBuf>,
     },
     /// Run the local demo: winmesh, the gateway Envoy, a demo Windows app and a demo Linux app behind an
     /// Istio-style sidecar, all on loopback.
@@ -113,6 +118,36 @@ enum DevCaCmd {
     },
 }
 
+/// `winmesh validate`: the config (if given), then the mesh file (`--mesh`, else the config's).
+fn validate(config: Option<&std::path::Path>, mesh: Option<&std::path::Path>) -> ExitCode {
+    let cfg = match config {
+        Some(path) => match load(path) {
+            Ok(c) => {
+                println!("{}: ok", path.display());
+                c
+            }
+            Err(code) => return code,
+        },
+        None => Config::default(),
+    };
+    let Some(mesh) = mesh
+        .map(std::path::Path::to_path_buf)
+        .or(cfg.mesh.file.clone())
+    else {
+        return ExitCode::SUCCESS;
+    };
+    let settings = winmesh::discovery::file::FileSettings::from_config(&cfg);
+    let errors = winmesh::discovery::file::check_file(&mesh, &settings);
+    if errors.is_empty() {
+        println!("{}: ok", mesh.display());
+        return ExitCode::SUCCESS;
+    }
+    for e in &errors {
+        eprintln!("winmesh: invalid mesh file: {e}");
+    }
+    ExitCode::from(2)
+}
+
 fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("winmesh: invalid configuration: {e}");
@@ -142,13 +177,7 @@ fn init_logging_quiet() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Validate { file } => match load(&file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
+        Cmd::Validate { file, mesh } => validate(file.as_deref(), mesh.as_deref()),
         Cmd::Bootstrap {
             config,
             node_id,

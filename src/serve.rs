@@ -16,7 +16,6 @@ use crate::identity::istiod::{CaBackend, IstiodCa};
 use crate::identity::manager::Clock;
 use crate::identity::{IdentityManager, IdentitySpec, SecretSet, SpiffeId};
 use crate::metrics::Metrics;
-use crate::model::GatewaySettings;
 use crate::translate::{Ctx, translate};
 
 /// Builds the CA backend the config asks for.
@@ -200,16 +199,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
 
     // Mesh: the file source (or an empty mesh) → translation → assembler.
     running.readiness.register("mesh", "mesh not loaded yet");
-    let settings = FileSettings {
-        trust_domain: cfg.identity.trust_domain.clone(),
-        domain_suffix: cfg.mesh.domain_suffix.clone(),
-        root_namespace: cfg.mesh.root_namespace.clone(),
-        gateway: GatewaySettings {
-            inbound_address: cfg.gateway.inbound_address,
-            outbound_address: cfg.gateway.outbound_address,
-            outbound_port: cfg.gateway.outbound_port,
-        },
-    };
+    let settings = FileSettings::from_config(&cfg);
     let (file_tx, file_rx) = watch::channel(MeshState::default());
     match &cfg.mesh.file {
         Some(path) => {
@@ -217,6 +207,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
                 path: path.clone(),
                 settings,
                 poll: cfg.mesh.poll_interval,
+                settle: cfg.mesh.settle,
                 metrics: metrics.clone(),
             };
             tasks.push(tokio::spawn(src.run(file_tx, running.shutdown_signal())));

@@ -1,10 +1,15 @@
 //! The mesh file: a YAML description of the model, watched and reloaded atomically.
 //!
-//! A file that cannot be parsed as a whole (YAML syntax, unknown top-level field) keeps the last good
-//! model in service and reports the error. Inside a good file, each object is validated on its own: a
-//! bad service, Windows service or policy is skipped, logged and counted, and every other object is
-//! served. The file is polled (content hash), which also works on Windows where rename notifications
-//! from other directories are unreliable.
+//! A file that cannot be parsed as a whole (YAML syntax, unknown top-level field, too large or too
+//! deeply nested) keeps the last good model in service and reports the error. Inside a good file,
+//! each object is validated on its own: a bad service, Windows service or policy is skipped, logged
+//! and counted, and every other object is served.
+//!
+//! An incomplete write must never be published (an empty file, a shell `>` redirect caught half way,
+//! a copy cut at a line boundary are all valid YAML). Three rules, documented in docs/mesh-file.md:
+//! the file is read only after it has been quiet for `mesh.settle` (see [`super::watch`]); a content
+//! change seen during the read discards the read; and a reload may not drop a top-level section that
+//! held objects in the last applied file: emptying a section takes an explicit `section: []`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,17 +28,60 @@ use crate::identity::SpiffeId;
 use crate::metrics::Metrics;
 use crate::model::*;
 
-#[derive(Deserialize)]
+/// The largest mesh file read (the size check happens before parsing).
+pub const MAX_FILE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Top-level sections: `None` = absent (or a bare `key:`, which is what a file cut just after the key
+/// looks like), `Some(vec![])` = explicitly empty.
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
     #[serde(default)]
-    services: Vec<serde_yaml::Value>,
+    services: Option<Vec<serde_yaml::Value>>,
     #[serde(default)]
-    windows_services: Vec<serde_yaml::Value>,
+    windows_services: Option<Vec<serde_yaml::Value>>,
     #[serde(default)]
-    peer_authentications: Vec<serde_yaml::Value>,
+    peer_authentications: Option<Vec<serde_yaml::Value>>,
     #[serde(default)]
-    authorization_policies: Vec<serde_yaml::Value>,
+    authorization_policies: Option<Vec<serde_yaml::Value>>,
+}
+
+/// How many entries each top-level section had (`None` = absent), for the reload rule.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sections(pub [Option<usize>; 4]);
+
+impl Sections {
+    pub const NAMES: [&'static str; 4] = [
+        "services",
+        "windows_services",
+        "peer_authentications",
+        "authorization_policies",
+    ];
+
+    fn of(d: &FileDoc) -> Sections {
+        Sections([
+            d.services.as_ref().map(Vec::len),
+            d.windows_services.as_ref().map(Vec::len),
+            d.peer_authentications.as_ref().map(Vec::len),
+            d.authorization_policies.as_ref().map(Vec::len),
+        ])
+    }
+
+    /// The reload rule: a section that held objects before may only disappear explicitly.
+    pub fn check_reload(&self, prev: &Sections) -> Result<(), String> {
+        for (i, name) in Self::NAMES.iter().enumerate() {
+            if let (Some(n), None) = (prev.0[i], self.0[i])
+                && n > 0
+            {
+                return Err(format!(
+                    "{name}: missing, but the last applied file had {n}; the file looks incomplete \
+                     (still being written?), so it was not applied. To remove them all, write \
+                     `{name}: []`"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Deserialize)]
@@ -223,6 +271,56 @@ pub struct FileSettings {
     /// Istio's root namespace (mesh-wide PeerAuthentication lives there).
     pub root_namespace: String,
     pub gateway: GatewaySettings,
+    /// Ports winmesh and Envoy already use on this host (Envoy admin, xDS, debug): a gateway
+    /// listener on one of them would fail to bind ("Address already in use").
+    pub reserved: Vec<Reserved>,
+}
+
+/// A port in use by something other than the gateway's listeners.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    pub address: IpAddr,
+    pub port: u16,
+    /// What uses it, e.g. `envoy.admin`.
+    pub what: &'static str,
+}
+
+impl FileSettings {
+    /// The settings `winmesh serve` uses for a config (also what `winmesh validate` checks against).
+    pub fn from_config(cfg: &crate::config::Config) -> FileSettings {
+        FileSettings {
+            trust_domain: cfg.identity.trust_domain.clone(),
+            domain_suffix: cfg.mesh.domain_suffix.clone(),
+            root_namespace: cfg.mesh.root_namespace.clone(),
+            gateway: GatewaySettings {
+                inbound_address: cfg.gateway.inbound_address,
+                outbound_address: cfg.gateway.outbound_address,
+                outbound_port: cfg.gateway.outbound_port,
+            },
+            reserved: cfg
+                .reserved_ports()
+                .into_iter()
+                .map(|(what, a)| Reserved {
+                    address: a.ip(),
+                    port: a.port(),
+                    what,
+                })
+                .collect(),
+        }
+    }
+
+    /// If a gateway listener on `address:port` would clash with a reserved port, what holds it.
+    pub fn reserved_by(&self, address: IpAddr, port: u16) -> Option<&'static str> {
+        self.reserved
+            .iter()
+            .find(|r| {
+                r.port == port
+                    && (r.address == address
+                        || r.address.is_unspecified()
+                        || address.is_unspecified())
+            })
+            .map(|r| r.what)
+    }
 }
 
 fn dns_label(s: &str) -> bool {
@@ -300,6 +398,12 @@ fn service(d: ServiceDoc, s: &FileSettings) -> Result<Service, String> {
         }
         if let Some(lp) = p.local_port {
             check_port("local_port", lp)?;
+            if let Some(what) = s.reserved_by(s.gateway.outbound_address, lp) {
+                return Err(format!(
+                    "ports[{}]: local_port {lp} is already used by {what}",
+                    p.name
+                ));
+            }
         }
         ports.push(ServicePort {
             target_port: p.target_port.unwrap_or(p.port),
@@ -382,6 +486,9 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
     }
     if let Some(op) = d.outbound_port {
         check_port("outbound_port", op)?;
+        if let Some(what) = s.reserved_by(s.gateway.outbound_address, op) {
+            return Err(format!("outbound_port {op} is already used by {what}"));
+        }
         if identity.is_none() {
             return Err(
                 "outbound_port: needs `identity` (the shared outbound port already presents the \
@@ -408,6 +515,12 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
         }
         let gateway_port = p.gateway_port.unwrap_or(p.port);
         check_port("gateway_port", gateway_port)?;
+        if let Some(what) = s.reserved_by(s.gateway.inbound_address, gateway_port) {
+            return Err(format!(
+                "ports[{}]: gateway_port {gateway_port} is already used by {what}",
+                p.name
+            ));
+        }
         if gateway_port == s.gateway.outbound_port && s.gateway.addresses_overlap() {
             return Err(format!(
                 "ports[{}]: gateway_port {gateway_port} is the outbound HTTP port",
@@ -519,20 +632,38 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
 /// Parses a mesh file. `Err` = the file as a whole is unusable; `Ok` carries the model and the objects
 /// that were skipped.
 pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), String> {
-    let doc: FileDoc = if text.trim().is_empty() {
-        FileDoc {
-            services: vec![],
-            windows_services: vec![],
-            peer_authentications: vec![],
-            authorization_policies: vec![],
-        }
+    parse_sections(text, s).map(|(m, e, _)| (m, e))
+}
+
+/// Like [`parse`], also returning which sections the file has (for the reload rule).
+pub fn parse_sections(
+    text: &str,
+    s: &FileSettings,
+) -> Result<(Mesh, Vec<ObjectError>, Sections), String> {
+    crate::yamlcheck::check(text, MAX_FILE_BYTES).map_err(|e| e.to_string())?;
+    // A document with nothing but comments is YAML null: no sections at all.
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let doc: FileDoc = if value.is_null() {
+        FileDoc::default()
     } else {
-        let de = serde_yaml::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
+        serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             format!("{path}: {}", e.into_inner())
         })?
     };
+    let sections = Sections::of(&doc);
+    let FileDoc {
+        services,
+        windows_services,
+        peer_authentications,
+        authorization_policies,
+    } = doc;
+    let (services, windows_services, peer_authentications, authorization_policies) = (
+        services.unwrap_or_default(),
+        windows_services.unwrap_or_default(),
+        peer_authentications.unwrap_or_default(),
+        authorization_policies.unwrap_or_default(),
+    );
     let mut errors = Vec::new();
     let mut mesh = Mesh {
         trust_domain: s.trust_domain.clone(),
@@ -552,7 +683,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
     };
 
     let mut local_ports: BTreeMap<u16, String> = BTreeMap::new();
-    for (i, v) in doc.services.iter().enumerate() {
+    for (i, v) in services.iter().enumerate() {
         match decode::<ServiceDoc>(v).and_then(|d| service(d, s)) {
             Ok(svc) => {
                 if mesh.services.iter().any(|x| x.host == svc.host) {
@@ -586,7 +717,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
             Err(m) => reject("service", v, i, m),
         }
     }
-    for (i, v) in doc.windows_services.iter().enumerate() {
+    for (i, v) in windows_services.iter().enumerate() {
         match decode::<WindowsServiceDoc>(v).and_then(|d| windows_service(d, s)) {
             Ok(w) => {
                 if mesh
@@ -663,7 +794,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
             Err(m) => reject("windows_service", v, i, m),
         }
     }
-    for (i, v) in doc.peer_authentications.iter().enumerate() {
+    for (i, v) in peer_authentications.iter().enumerate() {
         match decode::<PeerAuthDoc>(v) {
             Ok(d) => {
                 if let Err(m) = check_name("namespace", &d.namespace) {
@@ -712,7 +843,7 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
             Err(m) => reject("peer_authentication", v, i, m),
         }
     }
-    for (i, v) in doc.authorization_policies.iter().enumerate() {
+    for (i, v) in authorization_policies.iter().enumerate() {
         match decode::<AuthzDoc>(v).and_then(policy) {
             Ok(p) => {
                 if mesh
@@ -728,20 +859,31 @@ pub fn parse(text: &str, s: &FileSettings) -> Result<(Mesh, Vec<ObjectError>), S
             Err(m) => reject("authorization_policy", v, i, m),
         }
     }
-    Ok((mesh, errors))
+    Ok((mesh, errors, sections))
 }
 
 /// Watches a mesh file and publishes [`MeshState`]s.
 pub struct FileSource {
     pub path: PathBuf,
     pub settings: FileSettings,
+    /// The safety-net poll (metadata only); OS notifications normally notice changes first.
     pub poll: Duration,
+    /// How long the file must be quiet before it is read.
+    pub settle: Duration,
     pub metrics: Arc<Metrics>,
 }
 
+/// The outcome of reading the file once.
+pub struct Loaded {
+    pub state: MeshState,
+    /// The sections of the file, when it was applied.
+    pub sections: Option<Sections>,
+}
+
 impl FileSource {
-    /// Loads once (synchronously usable at startup), returning the state to publish.
-    pub fn load(&self, prev: &MeshState) -> MeshState {
+    /// Applies `text` on top of `prev` (the state in service) with the reload rule against
+    /// `prev_sections` (the sections of the last applied file; `None` before the first load).
+    pub fn apply(&self, text: &str, prev: &MeshState, prev_sections: Option<&Sections>) -> Loaded {
         let mut next = MeshState {
             mesh: prev.mesh.clone(),
             rejected: prev.rejected.clone(),
@@ -749,21 +891,42 @@ impl FileSource {
             updated: SystemTime::now(),
             generation: prev.generation + 1,
         };
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) => {
-                next.error = Some(format!("cannot read {}: {e}", self.path.display()));
-                return next;
+        let parsed = parse_sections(text, &self.settings).and_then(|(mesh, rejected, sections)| {
+            if let Some(p) = prev_sections {
+                sections.check_reload(p)?;
             }
-        };
-        match parse(&text, &self.settings) {
-            Ok((mesh, rejected)) => {
+            Ok((mesh, rejected, sections))
+        });
+        match parsed {
+            Ok((mesh, rejected, sections)) => {
                 next.mesh = Some(Arc::new(mesh));
                 next.rejected = rejected;
+                Loaded {
+                    state: next,
+                    sections: Some(sections),
+                }
             }
-            Err(e) => next.error = Some(format!("{}: {e}", self.path.display())),
+            Err(e) => {
+                next.error = Some(format!("{}: {e}", self.path.display()));
+                Loaded {
+                    state: next,
+                    sections: None,
+                }
+            }
         }
-        next
+    }
+
+    /// Reads and applies the file once (no quiet period): what `winmesh validate` and tests use.
+    pub fn load(&self, prev: &MeshState) -> MeshState {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => self.apply(&text, prev, None).state,
+            Err(e) => {
+                let mut next = prev.clone();
+                next.generation += 1;
+                next.error = Some(format!("cannot read {}: {e}", self.path.display()));
+                next
+            }
+        }
     }
 
     fn report(&self, st: &MeshState) {
@@ -793,6 +956,13 @@ impl FileSource {
                 warn!(kind = r.kind, object = %r.name, error = %r.message, "mesh object skipped");
             }
             if let Some(mesh) = &st.mesh {
+                if mesh.services.is_empty()
+                    && mesh.windows_services.is_empty()
+                    && mesh.peer_authentications.is_empty()
+                    && mesh.authorization_policies.is_empty()
+                {
+                    warn!(file = %self.path.display(), "the mesh file defines nothing");
+                }
                 info!(
                     services = mesh.services.len(),
                     windows_services = mesh.windows_services.len(),
@@ -804,40 +974,99 @@ impl FileSource {
         }
     }
 
-    /// Polls the file until `shutdown`, publishing a new state whenever its content changes.
+    /// Watches the file until `shutdown`, publishing a new state whenever its content changes. Reads
+    /// and parsing run on a blocking thread, so a large file never stalls the xDS streams.
     pub async fn run(self, tx: watch::Sender<MeshState>, mut shutdown: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let mut watch = super::watch::FileWatch::new(&this.path, this.settle, this.poll);
+        if !watch.notifications() {
+            info!(file = %this.path.display(), poll = ?this.poll, "mesh file: polling only");
+        }
+        watch.initial().await;
         let mut last_hash: Option<Vec<u8>> = None;
         let mut last_read_error: Option<String> = None;
+        let mut sections: Option<Sections> = None;
         loop {
-            match std::fs::read(&self.path) {
+            let me = this.clone();
+            let read = tokio::task::spawn_blocking(move || std::fs::read(&me.path)).await;
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            // A change during the read means the bytes may be torn: wait for quiet and read again.
+            if watch.moved_since_settled() {
+                tokio::select! {
+                    _ = watch.changed() => continue,
+                    _ = shutdown.changed() => return,
+                }
+            }
+            match read {
                 Ok(bytes) => {
                     last_read_error = None;
                     let h = Sha256::digest(&bytes).to_vec();
                     if last_hash.as_ref() != Some(&h) {
                         last_hash = Some(h);
-                        let st = self.load(&tx.borrow());
-                        self.report(&st);
-                        tx.send_replace(st);
+                        let me = this.clone();
+                        let prev = tx.borrow().clone();
+                        let prev_sections = sections.clone();
+                        let loaded = tokio::task::spawn_blocking(move || {
+                            let text = String::from_utf8_lossy(&bytes);
+                            me.apply(&text, &prev, prev_sections.as_ref())
+                        })
+                        .await;
+                        match loaded {
+                            Ok(l) => {
+                                if l.sections.is_some() {
+                                    sections = l.sections;
+                                } else {
+                                    // Not applied: the same content must be reconsidered if it
+                                    // comes back after another change.
+                                    last_hash = None;
+                                }
+                                publish(&this, &tx, l.state);
+                            }
+                            Err(e) => warn!(error = %e, "mesh file load task failed"),
+                        }
                     }
                 }
                 Err(e) => {
-                    let msg = format!("cannot read {}: {e}", self.path.display());
+                    let msg = format!("cannot read {}: {e}", this.path.display());
                     if last_read_error.as_ref() != Some(&msg) {
                         last_read_error = Some(msg.clone());
                         last_hash = None;
                         let mut st = tx.borrow().clone();
                         st.error = Some(msg);
                         st.generation += 1;
-                        self.report(&st);
-                        tx.send_replace(st);
+                        publish(&this, &tx, st);
                     }
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(self.poll) => {}
+                _ = watch.changed() => {}
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+fn publish(src: &FileSource, tx: &watch::Sender<MeshState>, st: MeshState) {
+    src.report(&st);
+    tx.send_replace(st);
+}
+
+/// Everything `serve` would report for a mesh file, one line each: the file-level error, or each
+/// skipped object. Empty = valid.
+pub fn check_file(path: &Path, s: &FileSettings) -> Vec<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return vec![format!("{}: cannot read: {e}", path.display())],
+    };
+    match parse(&text, s) {
+        Err(e) => vec![format!("{}: {e}", path.display())],
+        Ok((_, rejected)) => rejected
+            .iter()
+            .map(|r| format!("{}: {r}", path.display()))
+            .collect(),
     }
 }
 
@@ -847,5 +1076,258 @@ pub fn resolve(base: &Path, p: &Path) -> PathBuf {
         p.to_path_buf()
     } else {
         base.join(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> FileSettings {
+        FileSettings {
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            gateway: GatewaySettings {
+                inbound_address: "0.0.0.0".parse().expect("ip"),
+                outbound_address: "127.0.0.1".parse().expect("ip"),
+                outbound_port: 15001,
+            },
+            reserved: vec![
+                Reserved {
+                    address: "127.0.0.1".parse().expect("ip"),
+                    port: 15000,
+                    what: "envoy.admin",
+                },
+                Reserved {
+                    address: "127.0.0.1".parse().expect("ip"),
+                    port: 15010,
+                    what: "xds.listen",
+                },
+            ],
+        }
+    }
+
+    const FULL: &str = "\
+services:
+  - name: linuxapp
+    namespace: linux
+    ports: [{name: http, port: 8080}]
+    endpoints: [{address: 10.0.0.1}]
+windows_services:
+  - name: winapp
+    namespace: win
+    ports: [{name: http, port: 8080, gateway_port: 15443}]
+    backends: [10.1.0.1]
+authorization_policies:
+  - name: deny-all
+    namespace: win
+    action: DENY
+    rules: [{}]
+";
+
+    fn source() -> FileSource {
+        FileSource {
+            path: PathBuf::from("mesh.yaml"),
+            settings: settings(),
+            poll: Duration::from_secs(1),
+            settle: Duration::from_millis(10),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// Applies FULL, then `next` as a reload.
+    fn reload(next: &str) -> MeshState {
+        let src = source();
+        let first = src.apply(FULL, &MeshState::default(), None);
+        assert!(first.state.error.is_none(), "{:?}", first.state.error);
+        src.apply(next, &first.state, first.sections.as_ref()).state
+    }
+
+    fn counts(st: &MeshState) -> (usize, usize, usize) {
+        let m = st.mesh.as_ref().expect("mesh");
+        (
+            m.services.len(),
+            m.windows_services.len(),
+            m.authorization_policies.len(),
+        )
+    }
+
+    #[test]
+    fn an_empty_or_comment_only_reload_is_refused_and_the_mesh_kept() {
+        for text in ["", "   \n", "# nothing yet\n", "---\n", "~\n"] {
+            let st = reload(text);
+            let e = st.error.as_deref().unwrap_or_default();
+            assert!(e.contains("services: missing"), "{text:?}: {e}");
+            assert!(e.contains("`services: []`"), "{e}");
+            assert_eq!(counts(&st), (1, 1, 1), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_file_cut_at_a_line_boundary_is_refused() {
+        // Cut just before `windows_services:`, and just after a section key.
+        let cut = &FULL[..FULL.find("windows_services:").expect("section")];
+        let st = reload(cut);
+        assert!(
+            st.error
+                .as_deref()
+                .is_some_and(|e| e.contains("windows_services: missing")),
+            "{:?}",
+            st.error
+        );
+        assert_eq!(counts(&st), (1, 1, 1));
+        let cut = &FULL[..FULL.find("  - name: deny-all").expect("entry")];
+        let st = reload(cut);
+        assert!(
+            st.error
+                .as_deref()
+                .is_some_and(|e| e.contains("authorization_policies: missing")),
+            "a bare key is not an explicit empty list: {:?}",
+            st.error
+        );
+        assert_eq!(counts(&st), (1, 1, 1), "the DENY policy stays in force");
+    }
+
+    #[test]
+    fn emptying_a_section_explicitly_is_applied() {
+        let text = FULL.replace(
+            &FULL[FULL.find("authorization_policies:").expect("section")..],
+            "authorization_policies: []\n",
+        );
+        let st = reload(&text);
+        assert_eq!(st.error, None);
+        assert_eq!(counts(&st), (1, 1, 0));
+        let st = reload("services: []\nwindows_services: []\nauthorization_policies: []\n");
+        assert_eq!(st.error, None);
+        assert_eq!(counts(&st), (0, 0, 0));
+    }
+
+    #[test]
+    fn the_first_load_of_an_empty_file_serves_an_empty_mesh() {
+        let st = source().apply("", &MeshState::default(), None).state;
+        assert_eq!(st.error, None);
+        assert_eq!(counts(&st), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_section_that_was_absent_may_stay_absent() {
+        let src = source();
+        let first = src.apply("services: []\n", &MeshState::default(), None);
+        let st = src.apply("", &first.state, first.sections.as_ref()).state;
+        assert_eq!(st.error, None, "nothing is lost");
+    }
+
+    #[test]
+    fn deep_nesting_and_size_are_refused_before_parsing() {
+        let text = format!("services: {}\n", "[".repeat(100_000));
+        let st = reload(&text);
+        assert!(
+            st.error
+                .as_deref()
+                .is_some_and(|e| e.contains("nesting deeper than 64 levels at line 1")),
+            "{:?}",
+            st.error
+        );
+        assert_eq!(counts(&st), (1, 1, 1));
+    }
+
+    #[test]
+    fn gateway_ports_on_reserved_ports_are_rejected() {
+        let text = "\
+windows_services:
+  - {name: a, namespace: win, ports: [{name: http, port: 80, gateway_port: 15000}], backends: [10.1.0.1]}
+  - {name: b, namespace: win, identity: spiffe://cluster.local/ns/win/sa/b, outbound_port: 15010,
+     ports: [{name: http, port: 80, gateway_port: 15443}], backends: [10.1.0.1]}
+services:
+  - {name: c, namespace: linux, ports: [{name: tcp, port: 5432, local_port: 15000}]}
+";
+        let (mesh, rejected) = parse(text, &settings()).expect("file");
+        assert!(mesh.windows_services.is_empty() && mesh.services.is_empty());
+        let msgs: Vec<String> = rejected.iter().map(|r| r.to_string()).collect();
+        assert_eq!(msgs.len(), 3, "{msgs:?}");
+        assert!(
+            msgs[0].contains("local_port 15000 is already used by envoy.admin"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[1].contains("gateway_port 15000 is already used by envoy.admin"),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs[2].contains("outbound_port 15010 is already used by xds.listen"),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn check_file_reports_what_serve_would() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("mesh.yaml");
+        std::fs::write(&p, "services: [this is: not: valid").expect("write");
+        let e = check_file(&p, &settings());
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with(&p.display().to_string()), "{e:?}");
+        std::fs::write(
+            &p,
+            "services:\n  - {name: Bad, namespace: x, ports: [{name: http, port: 80}]}\n",
+        )
+        .expect("write");
+        let e = check_file(&p, &settings());
+        assert_eq!(e.len(), 1);
+        assert!(
+            e[0].contains("service x/Bad: name \"Bad\" is not a DNS label"),
+            "{e:?}"
+        );
+        std::fs::write(&p, FULL).expect("write");
+        assert!(check_file(&p, &settings()).is_empty());
+    }
+
+    /// The watch loop end to end: a truncation while serving is refused, the completed file applied.
+    #[tokio::test]
+    async fn a_truncation_while_serving_is_never_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("mesh.yaml");
+        std::fs::write(&p, FULL).expect("write");
+        let mut src = source();
+        src.path = p.clone();
+        src.settle = Duration::from_millis(20);
+        src.poll = Duration::from_millis(100);
+        let metrics = src.metrics.clone();
+        let (tx, mut rx) = watch::channel(MeshState::default());
+        let (_stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(src.run(tx, stop_rx));
+        let wait = |rx: &mut watch::Receiver<MeshState>, after: u64| {
+            let mut rx = rx.clone();
+            async move {
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    loop {
+                        if rx.borrow_and_update().generation > after {
+                            return rx.borrow().clone();
+                        }
+                        rx.changed().await.expect("source alive");
+                    }
+                })
+                .await
+                .expect("state published")
+            }
+        };
+        let st = wait(&mut rx, 0).await;
+        assert_eq!(counts(&st), (1, 1, 1));
+        // `: > mesh.yaml`
+        std::fs::write(&p, "").expect("truncate");
+        let st = wait(&mut rx, st.generation).await;
+        assert!(st.error.is_some());
+        assert_eq!(counts(&st), (1, 1, 1));
+        assert!(metrics.render().contains("winmesh_mesh_file_error 1"));
+        // The writer finishes: applied.
+        std::fs::write(&p, FULL.replace("10.0.0.1", "10.0.0.2")).expect("write");
+        let st = wait(&mut rx, st.generation).await;
+        assert_eq!(st.error, None);
+        let m = st.mesh.expect("mesh");
+        assert_eq!(m.services[0].endpoints[0].address.to_string(), "10.0.0.2");
+        assert!(metrics.render().contains("winmesh_mesh_file_error 0"));
+        task.abort();
+        rx.borrow_and_update();
     }
 }

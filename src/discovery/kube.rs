@@ -1020,6 +1020,7 @@ mod tests {
                 outbound_address: "127.0.0.1".parse().expect("ip"),
                 outbound_port: 15001,
             },
+            reserved: vec![],
         };
         let (file, errs) = crate::discovery::file::parse(
             "services:

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::SystemTime;

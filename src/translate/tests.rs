@@ -29,6 +29,7 @@ fn settings() -> FileSettings {
             outbound_address: "127.0.0.1".parse().unwrap(),
             outbound_port: 15001,
         },
+        reserved: vec![],
     }
 }
 
