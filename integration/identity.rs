@@ -334,3 +334,87 @@ async fn an_identity_without_a_token_is_reported() {
     assert!(body.contains("identity: not ready"), "{body}");
     server.stop().await;
 }
+
+/// A running winmesh whose istiod starts refusing renewals (UNAUTHENTICATED, as istiod answers a
+/// token it no longer accepts): it retries before the certificate expires, and once it has expired
+/// `/readyz` fails and `/debug/certs` says Unavailable, without waiting for another CA answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_makes_the_gateway_unready() {
+    let s = setup("istiod.istio-system.svc").await;
+    let cfg_path = s.dir.path().join("winmesh.yaml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\n\
+             identity:\n  namespace: win\n  service_account: gw\n  token_file: istio-token\n  ttl: 12s\n\
+             ca:\n  mode: istiod\n  address: {}\n  root_cert_file: root-cert.pem\n  timeout: 2s\n\
+             gateway:\n  inbound_address: 127.0.0.1\n",
+            s.istiod.addr
+        ),
+    )
+    .unwrap();
+    let cfg = winmesh::config::Config::load(&cfg_path).unwrap();
+    let server = winmesh::serve::start(cfg).await.unwrap();
+    let debug = server.running.debug_addr;
+    let get = |path: &'static str| async move {
+        winmesh::status::http_get(debug, path, None)
+            .await
+            .unwrap_or((0, String::new()))
+    };
+    wait_for(
+        "ready with a certificate",
+        T,
+        || async { String::new() },
+        || async { (get("/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    let (_, certs) = get("/debug/certs").await;
+    let v: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let not_after = v["identities"][0]["not_after"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    s.istiod.set_mode(Mode::Unauthenticated);
+    let calls_at_refusal = s.istiod.calls();
+    // Still valid: ready, and retrying (not sleeping 150 s).
+    let (code, body) = get("/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = wait_for(
+        "unready once the certificate expired",
+        Duration::from_secs(40),
+        || async { String::new() },
+        || async {
+            let r = get("/readyz").await;
+            (r.0 == 503).then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(code, 503);
+    assert!(
+        body.contains("identity: not ready") && body.contains("expired"),
+        "{body}"
+    );
+    assert!(
+        s.istiod.calls() >= calls_at_refusal + 2,
+        "renewal retried before expiry ({} → {})",
+        calls_at_refusal,
+        s.istiod.calls()
+    );
+    let (_, certs) = get("/debug/certs").await;
+    let v: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let state = v["identities"][0]["state"].as_str().unwrap();
+    assert!(
+        state.starts_with("Unavailable"),
+        "{state} (not_after {not_after})"
+    );
+    // The CA comes back: a new certificate, ready again.
+    s.istiod.set_mode(Mode::Normal);
+    wait_for(
+        "ready again after the CA recovered",
+        Duration::from_secs(40),
+        || async { String::new() },
+        || async { (get("/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    server.stop().await;
+}

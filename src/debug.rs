@@ -26,7 +26,14 @@ pub type View = Arc<dyn Fn() -> Value + Send + Sync>;
 #[derive(Default)]
 pub struct Readiness {
     parts: RwLock<BTreeMap<&'static str, Result<(), String>>>,
+    /// Components whose readiness is computed on every request (e.g. certificate expiry).
+    checks: RwLock<BTreeMap<&'static str, Check>>,
+    /// Ready, but worth saying (e.g. serving persisted state during an API outage).
+    notes: RwLock<BTreeMap<&'static str, String>>,
 }
+
+/// A readiness check evaluated when asked.
+pub type Check = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 impl Readiness {
     pub fn new() -> Arc<Self> {
@@ -42,11 +49,47 @@ impl Readiness {
             Err(p) => p.into_inner().insert(name, state),
         };
     }
-    pub fn snapshot(&self) -> BTreeMap<&'static str, Result<(), String>> {
-        match self.parts.read() {
-            Ok(p) => p.clone(),
+    /// Registers a component whose readiness `check` computes on every request.
+    pub fn register_check(&self, name: &'static str, check: Check) {
+        match self.checks.write() {
+            Ok(mut c) => c.insert(name, check),
+            Err(p) => p.into_inner().insert(name, check),
+        };
+    }
+    /// Sets (or with `None` clears) a note shown next to a component in `/readyz`.
+    pub fn note(&self, name: &'static str, note: Option<String>) {
+        let mut n = match self.notes.write() {
+            Ok(n) => n,
+            Err(p) => p.into_inner(),
+        };
+        match note {
+            Some(t) => n.insert(name, t),
+            None => n.remove(name),
+        };
+    }
+    pub fn notes(&self) -> BTreeMap<&'static str, String> {
+        match self.notes.read() {
+            Ok(n) => n.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+    pub fn snapshot(&self) -> BTreeMap<&'static str, Result<(), String>> {
+        let mut out = match self.parts.read() {
+            Ok(p) => p.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        let checks: Vec<(&'static str, Check)> = match self.checks.read() {
+            Ok(c) => c.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect(),
+        };
+        for (name, check) in checks {
+            out.insert(name, check());
+        }
+        out
     }
     pub fn is_ready(&self) -> bool {
         self.snapshot().values().all(|r| r.is_ok())
@@ -109,11 +152,15 @@ fn authorized(state: &DebugState, headers: &HeaderMap) -> Result<(), Box<Respons
 
 async fn readyz(State(s): State<DebugState>) -> Response {
     let parts = s.readiness.snapshot();
+    let notes = s.readiness.notes();
     let mut body = String::new();
     let mut ready = true;
     for (name, st) in &parts {
         match st {
-            Ok(()) => body.push_str(&format!("{name}: ready\n")),
+            Ok(()) => match notes.get(name) {
+                Some(n) => body.push_str(&format!("{name}: ready ({n})\n")),
+                None => body.push_str(&format!("{name}: ready\n")),
+            },
             Err(why) => {
                 ready = false;
                 body.push_str(&format!("{name}: not ready: {why}\n"));

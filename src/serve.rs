@@ -176,25 +176,15 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         }
     };
     if let Some(m) = &identity {
+        // Computed on every /readyz: an expired certificate makes the gateway unready at once.
+        let check_m = m.clone();
         running
             .readiness
-            .register("identity", "no certificate for the gateway identity yet");
+            .register_check("identity", Arc::new(move || check_m.readiness()));
         let view_m = m.clone();
         running
             .debug
             .add_view("certs", Arc::new(move || view_m.view()));
-        let (readiness, m2, mut rx) = (running.readiness.clone(), m.clone(), secrets.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                if m2.is_ready() {
-                    readiness.set("identity", Ok(()));
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        }));
     }
 
     // Mesh: the file source (or an empty mesh) → translation → assembler.

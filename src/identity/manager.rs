@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use super::csr;
 use super::istiod::{CaBackend, CaError, SignRequest};
-use super::rotation::{Backoff, Retry, schedule};
+use super::rotation::{Backoff, Retry, retry_at, schedule};
 use super::verify::verify_chain;
 use super::{CertBundle, SecretSet, SpiffeId};
 use crate::metrics::Metrics;
@@ -72,6 +72,8 @@ struct Entry {
     next_attempt: Option<SystemTime>,
     last_error: Option<String>,
     renewals: u64,
+    /// Up to when the time served without a valid certificate has been counted.
+    expired_counted_to: Option<SystemTime>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -179,6 +181,7 @@ impl IdentityManager {
                 next_attempt: None,
                 last_error: None,
                 renewals: 0,
+                expired_counted_to: None,
                 task: Some(task),
             },
         );
@@ -217,11 +220,34 @@ impl IdentityManager {
         publish(&self.inner);
     }
 
-    /// True once the gateway's own identity has a certificate.
+    /// True while the gateway's own identity has a certificate that has not expired.
     pub fn is_ready(&self) -> bool {
-        lock(&self.inner.entries)
-            .get(&self.inner.default_identity)
-            .is_some_and(|e| e.cert.is_some())
+        self.readiness().is_ok()
+    }
+
+    /// Readiness of the gateway's own identity, computed now: a certificate that expired makes the
+    /// gateway unready even if no CA answer arrived since (every new mTLS handshake would fail).
+    pub fn readiness(&self) -> Result<(), String> {
+        let now = self.inner.clock.now();
+        let entries = lock(&self.inner.entries);
+        let Some(e) = entries.get(&self.inner.default_identity) else {
+            return Err("no certificate for the gateway identity yet".into());
+        };
+        match &e.cert {
+            None => Err(match &e.last_error {
+                Some(err) => format!("no certificate for the gateway identity yet: {err}"),
+                None => "no certificate for the gateway identity yet".into(),
+            }),
+            Some(c) if c.not_after() <= now => Err(format!(
+                "the gateway certificate expired at {}{}",
+                ts(c.not_after()),
+                e.last_error
+                    .as_ref()
+                    .map(|err| format!("; renewal failing: {err}"))
+                    .unwrap_or_default()
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     /// State of one identity.
@@ -231,14 +257,19 @@ impl IdentityManager {
 
     /// `/debug/certs`: every identity, its state, chain facts and root fingerprints. No key material.
     pub fn view(&self) -> Value {
+        let now = self.inner.clock.now();
         let entries = lock(&self.inner.entries);
         let list: Vec<Value> = entries
             .values()
             .map(|e| {
-                let state = match &e.state {
-                    State::Initializing => "Initializing".to_string(),
-                    State::Available => "Available".to_string(),
-                    State::Unavailable(why) => format!("Unavailable: {why}"),
+                let state = match (&e.state, &e.cert) {
+                    // The timer marks expiry; between its tick and this view, say the truth anyway.
+                    (State::Available, Some(c)) if c.not_after() <= now => {
+                        format!("Unavailable: certificate expired at {}", ts(c.not_after()))
+                    }
+                    (State::Initializing, _) => "Initializing".to_string(),
+                    (State::Available, _) => "Available".to_string(),
+                    (State::Unavailable(why), _) => format!("Unavailable: {why}"),
                 };
                 let sds_name = if e.spec.id == self.inner.default_identity {
                     "default".to_string()
@@ -371,6 +402,21 @@ async fn run(inner: Arc<Inner>, spec: IdentitySpec) {
                     if e.cert.is_some() {
                         e.renewals += 1;
                     }
+                    // Count the last stretch served with an expired certificate, if any.
+                    if let Some(from) = e.expired_counted_to.take() {
+                        let secs = inner
+                            .clock
+                            .now()
+                            .duration_since(from)
+                            .unwrap_or_default()
+                            .as_secs_f64();
+                        inner.metrics.inc(
+                            "winmesh_cert_expired_seconds_total",
+                            "Seconds an identity was served with an expired certificate (renewal failing).",
+                            &[("identity", &id)],
+                            secs,
+                        );
+                    }
                     e.cert = Some(bundle);
                     e.state = State::Available;
                     e.last_error = None;
@@ -395,25 +441,102 @@ async fn run(inner: Arc<Inner>, spec: IdentitySpec) {
                     warn!(identity = %id, error = %err, retry_in = ?delay, "certificate request failed");
                 }
                 let now = inner.clock.now();
-                let at = now + delay;
                 let mut entries = lock(&inner.entries);
                 let Some(e) = entries.get_mut(&spec.id) else {
                     return;
                 };
+                let at = retry_at(now, delay, e.cert.as_ref().map(|c| c.not_after()));
                 e.last_error = Some(err.to_string());
                 e.next_attempt = Some(at);
                 // Keep serving a still-valid certificate; only its absence or expiry is Unavailable.
-                let valid = e.cert.as_ref().is_some_and(|c| c.not_after() > now);
-                e.state = if valid {
-                    State::Available
-                } else {
-                    State::Unavailable(err.to_string())
+                e.state = match e.cert.as_ref().map(|c| c.not_after()) {
+                    Some(na) if na > now => State::Available,
+                    Some(na) => State::Unavailable(format!(
+                        "certificate expired at {}; renewal failing: {err}",
+                        ts(na)
+                    )),
+                    None => State::Unavailable(err.to_string()),
                 };
                 at
             }
         };
-        inner.clock.sleep_until(wake).await;
+        wait_watching_expiry(&inner, &spec, wake).await;
     }
+}
+
+/// Longest sleep while a certificate is expired, so the expired-time counter stays current.
+const EXPIRED_TICK: Duration = Duration::from_secs(5);
+
+/// Sleeps until `wake`, but also wakes at the current certificate's NotAfter to mark the identity
+/// Unavailable then (not only at the next CA answer), and counts the time served without a valid
+/// certificate.
+async fn wait_watching_expiry(inner: &Inner, spec: &IdentitySpec, wake: SystemTime) {
+    loop {
+        let now = inner.clock.now();
+        account_expiry(inner, spec, now);
+        if now >= wake {
+            return;
+        }
+        let (expires, expired) = {
+            let entries = lock(&inner.entries);
+            let na = entries
+                .get(&spec.id)
+                .and_then(|e| e.cert.as_ref().map(|c| c.not_after()));
+            (na.filter(|na| *na > now), na.is_some_and(|na| na <= now))
+        };
+        let mut until = wake;
+        if let Some(na) = expires {
+            until = until.min(na);
+        }
+        if expired {
+            until = until.min(now + EXPIRED_TICK);
+        }
+        inner.clock.sleep_until(until).await;
+    }
+}
+
+/// Marks an expired certificate Unavailable (once, with an error log) and adds the time since the
+/// last accounting to `winmesh_cert_expired_seconds_total`.
+fn account_expiry(inner: &Inner, spec: &IdentitySpec, now: SystemTime) {
+    let id = spec.id.to_string();
+    let mut entries = lock(&inner.entries);
+    let Some(e) = entries.get_mut(&spec.id) else {
+        return;
+    };
+    let Some(na) = e.cert.as_ref().map(|c| c.not_after()) else {
+        return;
+    };
+    inner.metrics.set(
+        "winmesh_cert_valid",
+        "1 while the identity's current certificate is within its validity period.",
+        &[("identity", &id)],
+        if na > now { 1.0 } else { 0.0 },
+    );
+    if na > now {
+        e.expired_counted_to = None;
+        return;
+    }
+    if e.state == State::Available || e.expired_counted_to.is_none() {
+        error!(identity = %id, not_after = %ts(na), last_error = ?e.last_error,
+               "certificate expired and not renewed: new mTLS handshakes fail until the CA issues one");
+        e.state = State::Unavailable(format!(
+            "certificate expired at {}{}",
+            ts(na),
+            e.last_error
+                .as_ref()
+                .map(|err| format!("; renewal failing: {err}"))
+                .unwrap_or_default()
+        ));
+    }
+    let from = e.expired_counted_to.unwrap_or(na).max(na);
+    let secs = now.duration_since(from).unwrap_or_default().as_secs_f64();
+    e.expired_counted_to = Some(now);
+    inner.metrics.inc(
+        "winmesh_cert_expired_seconds_total",
+        "Seconds an identity was served with an expired certificate (renewal failing).",
+        &[("identity", &id)],
+        secs,
+    );
 }
 
 #[cfg(test)]
@@ -609,6 +732,97 @@ mod tests {
                 .unwrap()
                 .contains("rejected certificate")
         );
+    }
+
+    /// An istiod-faithful failure: the first certificate is issued, then every renewal answers
+    /// UNAUTHENTICATED (e.g. the token's audience was changed). Retries must close in on NotAfter
+    /// instead of waiting the 150 s backoff, and at NotAfter the identity must say it is unusable.
+    #[tokio::test(start_paused = true)]
+    async fn retries_before_expiry_and_tells_the_truth_at_expiry() {
+        struct RefuseAfterFirst {
+            ca: DevCa,
+            calls: AtomicUsize,
+        }
+        impl CaBackend for RefuseAfterFirst {
+            fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<Vec<String>, CaError>> {
+                if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    self.ca.sign(req)
+                } else {
+                    Box::pin(async {
+                        Err(CaError::new(
+                            Code::Unauthenticated,
+                            "token audience mismatch",
+                        ))
+                    })
+                }
+            }
+            fn describe(&self) -> String {
+                "refuse-after-first".into()
+            }
+        }
+        let ca = Arc::new(RefuseAfterFirst {
+            ca: DevCa::new_root("cluster.local").unwrap(),
+            calls: AtomicUsize::new(0),
+        });
+        let metrics = Arc::new(Metrics::new());
+        let clock = Clock::new();
+        let (m, mut rx) = IdentityManager::start(
+            ca.clone(),
+            Duration::from_secs(60),
+            gw(),
+            metrics.clone(),
+            clock,
+        );
+        rx.changed().await.unwrap();
+        let not_after = rx.borrow_and_update().certs[&gw().id].not_after();
+        assert!(m.is_ready());
+        // Just before NotAfter: several retries already happened (the old code waited 150 s after
+        // the first failure, far past expiry), and the still-valid certificate is Available.
+        let before = not_after.duration_since(clock.now()).unwrap() - Duration::from_millis(700);
+        tokio::time::sleep(before).await;
+        settle().await;
+        let calls = ca.calls.load(Ordering::SeqCst);
+        assert!(calls >= 5, "only {calls} CA calls before expiry");
+        assert_eq!(m.state(&gw().id), Some(State::Available));
+        assert!(m.readiness().is_ok());
+        // Past NotAfter, with no CA answer in between: Unavailable, not ready, and counted.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        settle().await;
+        assert!(
+            matches!(m.state(&gw().id), Some(State::Unavailable(ref why)) if why.contains("expired")),
+            "{:?}",
+            m.state(&gw().id)
+        );
+        let why = m.readiness().unwrap_err();
+        assert!(
+            why.contains("expired") && why.contains("Unauthenticated"),
+            "{why}"
+        );
+        assert!(
+            m.view()["identities"][0]["state"]
+                .as_str()
+                .unwrap()
+                .starts_with("Unavailable: certificate expired")
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        settle().await;
+        let id = gw().id.to_string();
+        let expired = metrics
+            .value("winmesh_cert_expired_seconds_total", &[("identity", &id)])
+            .unwrap_or(0.0);
+        assert!(
+            (20.0..=31.0).contains(&expired),
+            "expired seconds {expired}"
+        );
+        assert_eq!(
+            metrics.value("winmesh_cert_valid", &[("identity", &id)]),
+            Some(0.0)
+        );
+        // Near and past expiry the CA keeps being asked, whatever the error class.
+        let after = ca.calls.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        settle().await;
+        assert!(ca.calls.load(Ordering::SeqCst) > after);
     }
 
     #[tokio::test(start_paused = true)]

@@ -36,6 +36,28 @@ pub fn schedule(
     now + remaining / 2
 }
 
+/// When to retry after a failed request: after the backoff's `delay`, but while a certificate is
+/// still in service (`valid_until` in the future) never later than half of the time it has left, so
+/// the retries close in on its expiry instead of sleeping past it (ztunnel retries at the earlier of
+/// its backoff and the expiry; an istiod-faithful CA answering UNAUTHENTICATED would otherwise leave
+/// the 150 s backoff to run out after the certificate did). Never sooner than [`BACKOFF_INITIAL`].
+pub fn retry_at(now: SystemTime, delay: Duration, valid_until: Option<SystemTime>) -> SystemTime {
+    let backoff_at = now + delay;
+    match valid_until {
+        Some(na) if na > now => {
+            let half_left = now + na.duration_since(now).unwrap_or_default() / 2;
+            backoff_at.min(half_left).max(now + BACKOFF_INITIAL)
+        }
+        // It expired: the gateway cannot complete a handshake with it, so ask again soon whatever
+        // the error class (an operator fixing the token should not wait minutes).
+        Some(_) => now + delay.min(EXPIRED_RETRY_MAX),
+        None => backoff_at,
+    }
+}
+
+/// Longest wait between attempts once the certificate in service has expired.
+pub const EXPIRED_RETRY_MAX: Duration = Duration::from_secs(15);
+
 pub const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(150);
 const BACKOFF_JITTER: f64 = 0.2;
@@ -89,6 +111,33 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_close_in_on_expiry() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let max = Duration::from_secs(150);
+        // Plenty of time left: the backoff decides.
+        assert_eq!(
+            retry_at(now, max, Some(now + Duration::from_secs(3600))),
+            now + max
+        );
+        // 15 s left: retry after 7.5 s, not 150 s.
+        assert_eq!(
+            retry_at(now, max, Some(now + Duration::from_secs(15))),
+            now + Duration::from_millis(7500)
+        );
+        // Almost expired: the floor keeps it from spinning.
+        assert_eq!(
+            retry_at(now, max, Some(now + Duration::from_millis(100))),
+            now + BACKOFF_INITIAL
+        );
+        // No certificate yet: the backoff. An expired one: keep asking.
+        assert_eq!(retry_at(now, max, None), now + max);
+        assert_eq!(
+            retry_at(now, max, Some(now - Duration::from_secs(1))),
+            now + EXPIRED_RETRY_MAX
+        );
+    }
 
     #[test]
     fn renews_at_half_life_within_one_percent() {
