@@ -256,7 +256,7 @@ async fn unreachable_cluster_serves_the_mesh_file_after_the_sync_timeout() {
     .unwrap();
     let cfg = Config::parse(
         &format!(
-            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nmesh:\n  file: {}\n  kubernetes:\n    enabled: true\n    kubeconfig: {}\n    sync_timeout: 1s\n",
+            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\nmesh:\n  file: {}\n  kubernetes:\n    enabled: true\n    kubeconfig: {}\n    sync_timeout: 1s\n    state_file: \"\"\n",
             mesh_file.display(),
             kubeconfig.display()
         ),
@@ -282,4 +282,249 @@ async fn unreachable_cluster_serves_the_mesh_file_after_the_sync_timeout() {
     let error = reg["error"].as_str().unwrap_or("");
     assert!(error.contains("not synced"), "{reg}");
     m.server.stop().await;
+}
+
+/// winmesh with the mirror on a fixed xDS port, so a restarted winmesh is the one Envoy reconnects to.
+fn mirror_config(dir: &std::path::Path, kube: SocketAddr, xds: u16, out_port: u16) -> Config {
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{kube}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("mesh.yaml"), "services: []\n").unwrap();
+    let cfg = dir.join("winmesh.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "xds:\n  listen: 127.0.0.1:{xds}\ndebug:\n  listen: 127.0.0.1:0\nidentity:\n  namespace: winmesh\n  service_account: gw\n\
+             ca:\n  mode: dev\n  state_dir: dev-ca\nmesh:\n  file: mesh.yaml\n  kubernetes:\n    enabled: true\n    kubeconfig: kubeconfig\n    debounce: 50ms\n    sync_timeout: 3s\n\
+             gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {out_port}\n"
+        ),
+    )
+    .unwrap();
+    Config::load(&cfg).unwrap()
+}
+
+fn labelled_pod(ns: &str, name: &str) -> Value {
+    // A sidecar label: an Istio client sends mTLS unless PeerAuthentication says DISABLE.
+    let mut p = pod(ns, name);
+    p["metadata"]["labels"]["security.istio.io/tlsMode"] = json!("istio");
+    p
+}
+
+fn disable(ns: &str) -> Value {
+    json!({"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": ns},
+        "spec": {"mtls": {"mode": "DISABLE"}}})
+}
+
+/// Restarted while the API server is down, winmesh serves the persisted mirror instead of the mesh
+/// file alone: Envoy keeps every cluster and route, and the outage is visible. When the API returns,
+/// its objects replace the persisted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
+    support::init_tracing();
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    let app = Backend::start("web-a").await;
+    let kube = FakeKube::start(&[]).await;
+    let kube_addr = kube.addr;
+    kube.apply(SERVICES, service("shop", "web", 8080));
+    kube.apply(PODS, labelled_pod("shop", "web-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        slice("shop", "web", "web-1", app.addr.port()),
+    );
+    // The app has no sidecar: it only answers because DISABLE makes the gateway send plaintext.
+    kube.apply(PEER_AUTHENTICATIONS, disable("shop"));
+    let dir = tempfile::tempdir().unwrap();
+    let (xds, out_port) = (free_port(), free_port());
+    let cfg = mirror_config(dir.path(), kube_addr, xds, out_port);
+    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
+    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+    let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let get = || async move {
+        let r = reqwest::Client::new()
+            .get(format!("http://{gw_out}/"))
+            .header("host", "web.shop:8080")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.text().await.unwrap_or_default()))
+    };
+    wait_for(
+        "mirrored service reachable",
+        T,
+        || gateway.diagnostics(),
+        || async { get().await.filter(|(c, b)| *c == 200 && b == "web-a") },
+    )
+    .await;
+    let clusters_before = gateway.clusters().await;
+    let state_file = dir.path().join(".state/kubernetes-mirror.json");
+    wait_for(
+        "state persisted",
+        T,
+        || async { String::new() },
+        || async { state_file.is_file().then_some(()) },
+    )
+    .await;
+    // winmesh restarts while the API server is down.
+    server.stop().await;
+    drop(kube);
+    let server = winmesh::serve::start(cfg.clone())
+        .await
+        .expect("serve again");
+    let debug = server.running.debug_addr;
+    let reg = wait_for(
+        "persisted state served",
+        T,
+        || gateway.diagnostics(),
+        || async {
+            let (_, r) = winmesh::status::http_get(debug, "/debug/registryz", None)
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_str(&r).ok()?;
+            v["persisted"].is_string().then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        reg["persisted"].as_str().unwrap().contains("services"),
+        "{reg}"
+    );
+    let (code, ready) = winmesh::status::http_get(debug, "/readyz", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{ready}");
+    assert!(
+        ready.contains("serving persisted Kubernetes state"),
+        "{ready}"
+    );
+    // Past the sync timeout, Envoy still has everything and the route still works (plaintext:
+    // the persisted PeerAuthentication DISABLE is still in force).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(gateway.clusters().await, clusters_before);
+    assert_eq!(get().await, Some((200, "web-a".to_string())));
+    // The API server returns with a changed world: its objects win, the note goes away.
+    let app_b = Backend::start("web-b").await;
+    let kube = FakeKube::start_at(kube_addr, &[]).await;
+    kube.apply(SERVICES, service("shop", "web", 8080));
+    kube.apply(PODS, labelled_pod("shop", "web-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        slice("shop", "web", "web-1", app_b.addr.port()),
+    );
+    kube.apply(PEER_AUTHENTICATIONS, disable("shop"));
+    wait_for(
+        "live state replaces the persisted one",
+        Duration::from_secs(60),
+        || gateway.diagnostics(),
+        || async { get().await.filter(|(_, b)| b == "web-b") },
+    )
+    .await;
+    let (_, r) = winmesh::status::http_get(debug, "/debug/registryz", None)
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r).unwrap();
+    assert!(v["persisted"].is_null(), "{v}");
+    gateway.stop().await;
+    server.stop().await;
+}
+
+/// One kind that cannot be listed (PeerAuthentication → 403 after a restart) keeps its last known
+/// objects: a DISABLE namespace keeps getting plaintext instead of mTLS it cannot answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidden_kind_keeps_its_last_known_objects() {
+    support::init_tracing();
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    let app = Backend::start("web-a").await;
+    let kube = FakeKube::start(&[]).await;
+    kube.apply(SERVICES, service("shop", "web", 8080));
+    kube.apply(PODS, labelled_pod("shop", "web-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        slice("shop", "web", "web-1", app.addr.port()),
+    );
+    kube.apply(PEER_AUTHENTICATIONS, disable("shop"));
+    let dir = tempfile::tempdir().unwrap();
+    let (xds, out_port) = (free_port(), free_port());
+    let cfg = mirror_config(dir.path(), kube.addr, xds, out_port);
+    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
+    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+    let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
+    let get = || async move {
+        let r = reqwest::Client::new()
+            .get(format!("http://{gw_out}/"))
+            .header("host", "web.shop:8080")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        let code = r.status().as_u16();
+        Some((code, r.text().await.unwrap_or_default()))
+    };
+    wait_for(
+        "reachable in plaintext",
+        T,
+        || gateway.diagnostics(),
+        || async { get().await.filter(|(c, _)| *c == 200) },
+    )
+    .await;
+    let state_file = dir.path().join(".state/kubernetes-mirror.json");
+    wait_for(
+        "state persisted",
+        T,
+        || async { String::new() },
+        || async { state_file.is_file().then_some(()) },
+    )
+    .await;
+    server.stop().await;
+    kube.forbid(PEER_AUTHENTICATIONS, true);
+    let server = winmesh::serve::start(cfg.clone())
+        .await
+        .expect("serve again");
+    let debug = server.running.debug_addr;
+    let reg = wait_for(
+        "PeerAuthentications kept from the persisted state",
+        T,
+        || gateway.diagnostics(),
+        || async {
+            let (_, r) = winmesh::status::http_get(debug, "/debug/registryz", None)
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_str(&r).ok()?;
+            v["persisted"]
+                .as_str()
+                .is_some_and(|p| p.contains("peerauthentications"))
+                .then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(
+        reg["mesh"]["peer_authentications"][0]["mode"], "DISABLE",
+        "{reg}"
+    );
+    assert!(
+        reg["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("peerauthentications"),
+        "{reg}"
+    );
+    // Requests keep working for longer than the old behaviour took to send mTLS.
+    for _ in 0..10 {
+        assert_eq!(get().await.map(|x| x.0), Some(200));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    gateway.stop().await;
+    server.stop().await;
 }

@@ -341,6 +341,18 @@ fn main() -> ExitCode {
                 } else {
                     let v: serde_json::Value = serde_json::from_str(&body)?;
                     print!("{}", winmesh::status::render_table(&v));
+                    // What is served but not visible per proxy: degraded sources.
+                    if let Ok((200, reg)) =
+                        winmesh::status::http_get(addr, "/debug/registryz", token.as_deref()).await
+                        && let Ok(r) = serde_json::from_str::<serde_json::Value>(&reg)
+                    {
+                        if let Some(p) = r["persisted"].as_str() {
+                            println!("\nmesh: {p}");
+                        }
+                        if let Some(e) = r["error"].as_str() {
+                            println!("mesh: {e}");
+                        }
+                    }
                 }
                 Ok(())
             })

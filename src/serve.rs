@@ -137,6 +137,7 @@ async fn translate_loop(
                     "generation": st.generation,
                     "updated": humantime::format_rfc3339_seconds(st.updated).to_string(),
                     "error": st.error,
+                    "persisted": st.persisted,
                     "rejected": st.rejected,
                     "translation_warnings": warnings,
                     "mesh": mesh,
@@ -144,6 +145,7 @@ async fn translate_loop(
             }
             mesh_tx.send_replace(Some(Arc::new(translated)));
             readiness.set("mesh", Ok(()));
+            readiness.note("mesh", st.persisted.clone());
         } else if let Ok(mut r) = registry.write() {
             *r = serde_json::json!({ "error": st.error, "mesh": null });
         }
@@ -231,6 +233,8 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             debounce: k.debounce,
             debounce_max: k.debounce_max,
             metrics: metrics.clone(),
+            state_file: k.state_file.clone().filter(|p| !p.as_os_str().is_empty()),
+            persisted_grace: k.sync_timeout.min(std::time::Duration::from_secs(2)),
         };
         info!("mirroring the mesh from the Kubernetes API");
         tasks.push(tokio::spawn(source.run(kube_tx, running.shutdown_signal())));

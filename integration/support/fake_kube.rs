@@ -26,12 +26,16 @@ struct Inner {
     history: Vec<(u64, String, Value)>,
     /// Collections that answer 404, as when a CRD is not installed.
     missing: BTreeSet<String>,
+    /// Collections that answer 403, as when RBAC does not allow reading them.
+    forbidden: BTreeSet<String>,
 }
 
 #[derive(Clone)]
 struct Shared {
     inner: Arc<Mutex<Inner>>,
     events: broadcast::Sender<(u64, String, Value)>,
+    /// Set when the server goes away: open watches end and kept-alive connections get errors.
+    down: tokio::sync::watch::Sender<bool>,
 }
 
 pub struct FakeKube {
@@ -42,6 +46,7 @@ pub struct FakeKube {
 
 impl Drop for FakeKube {
     fn drop(&mut self) {
+        self.shared.down.send_replace(true);
         self.task.abort();
     }
 }
@@ -57,6 +62,11 @@ fn key(obj: &Value) -> String {
 impl FakeKube {
     /// `missing`: collection paths that answer 404.
     pub async fn start(missing: &[&str]) -> FakeKube {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), missing).await
+    }
+
+    /// Like `start`, on a given address (to bring "the same" API server back after an outage).
+    pub async fn start_at(bind: SocketAddr, missing: &[&str]) -> FakeKube {
         let (events, _) = broadcast::channel(1024);
         let shared = Shared {
             inner: Arc::new(Mutex::new(Inner {
@@ -64,18 +74,30 @@ impl FakeKube {
                 objects: BTreeMap::new(),
                 history: vec![],
                 missing: missing.iter().map(|s| s.to_string()).collect(),
+                forbidden: BTreeSet::new(),
             })),
             events,
+            down: tokio::sync::watch::channel(false).0,
         };
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(bind).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         FakeKube { addr, shared, task }
+    }
+
+    /// Makes collection `path` answer 403 Forbidden (or stop doing so).
+    pub fn forbid(&self, path: &str, on: bool) {
+        let mut g = self.shared.inner.lock().unwrap();
+        if on {
+            g.forbidden.insert(path.to_string());
+        } else {
+            g.forbidden.remove(path);
+        }
     }
 
     /// Creates or replaces an object in collection `path`.
@@ -140,7 +162,23 @@ fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
 async fn handle(State(s): State<Shared>, uri: Uri) -> Response {
     let path = uri.path().to_string();
     let known = [SERVICES, PODS, ENDPOINT_SLICES, PEER_AUTHENTICATIONS];
-    let missing = s.inner.lock().unwrap().missing.contains(&path);
+    if *s.down.borrow() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("connection", "close")],
+            "down",
+        )
+            .into_response();
+    }
+    let (missing, forbidden) = {
+        let g = s.inner.lock().unwrap();
+        (g.missing.contains(&path), g.forbidden.contains(&path))
+    };
+    if forbidden {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": format!("forbidden: cannot list {path}"), "reason": "Forbidden", "code": 403});
+        return (StatusCode::FORBIDDEN, axum::Json(status)).into_response();
+    }
     if !known.contains(&path.as_str()) || missing {
         let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
             "message": "the server could not find the requested resource", "reason": "NotFound",
@@ -191,8 +229,19 @@ async fn handle(State(s): State<Shared>, uri: Uri) -> Response {
         }
     });
     use futures::StreamExt;
+    let mut down = s.down.subscribe();
+    let gone = async move {
+        let _ = down.wait_for(|d| *d).await;
+    };
+    let stream = head
+        .chain(live)
+        .map(|r| r.map_err(|e: Infallible| std::io::Error::other(e.to_string())))
+        .take_until(gone)
+        .chain(futures::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("API server went away"))
+        }));
     Response::builder()
         .header("content-type", "application/json")
-        .body(Body::from_stream(head.chain(live)))
+        .body(Body::from_stream(stream))
         .unwrap()
 }

@@ -888,6 +888,7 @@ impl FileSource {
             mesh: prev.mesh.clone(),
             rejected: prev.rejected.clone(),
             error: None,
+            persisted: None,
             updated: SystemTime::now(),
             generation: prev.generation + 1,
         };

@@ -428,11 +428,35 @@ pub fn merge(file: &Mesh, kube: &KubeMesh) -> Mesh {
     mesh
 }
 
+/// Kinds served from the persisted state because the API has not listed them (yet) in this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistedUse {
+    /// When the persisted objects were saved.
+    pub saved: SystemTime,
+    /// When this process started serving them.
+    pub since: SystemTime,
+    pub kinds: Vec<&'static str>,
+}
+
+impl PersistedUse {
+    pub fn describe(&self) -> String {
+        format!(
+            "serving persisted Kubernetes state for {} (saved {}, served since {}): the API has not \
+             listed them since winmesh started",
+            self.kinds.join(", "),
+            humantime::format_rfc3339_seconds(self.saved),
+            humantime::format_rfc3339_seconds(self.since)
+        )
+    }
+}
+
 /// What the Kubernetes source currently says.
 #[derive(Clone, Debug, Default)]
 pub struct KubeState {
-    /// `None` until every watched kind has been listed once.
+    /// `None` until every watched kind has been listed once (or is available from persisted state).
     pub mesh: Option<Arc<KubeMesh>>,
+    /// Set while some kinds come from the persisted state.
+    pub persisted: Option<PersistedUse>,
     /// The latest error per watched kind (cleared when that watch works again); the last good
     /// objects stay in service meanwhile.
     pub errors: BTreeMap<&'static str, String>,
@@ -466,8 +490,26 @@ impl Kind {
 }
 
 enum Signal {
-    Event { kind: Kind, init_done: bool },
-    Error { kind: Kind, message: String },
+    Event {
+        kind: Kind,
+        init_done: bool,
+    },
+    Error {
+        kind: Kind,
+        message: String,
+        /// The API answered 404: the kind does not exist (a CRD not installed), so there are none.
+        not_found: bool,
+    },
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 404,
+        watcher::Error::WatchError(s) => s.code == 404,
+        _ => false,
+    }
 }
 
 fn signals<K, S>(kind: Kind, stream: S) -> futures::stream::BoxStream<'static, Signal>
@@ -487,6 +529,7 @@ where
             },
             Err(e) => Signal::Error {
                 kind,
+                not_found: is_not_found(&e),
                 message: e.to_string(),
             },
         })
@@ -528,6 +571,116 @@ pub struct KubeSource {
     pub debounce: Duration,
     pub debounce_max: Duration,
     pub metrics: Arc<Metrics>,
+    /// Where the objects in service are persisted (`None`: not persisted).
+    pub state_file: Option<std::path::PathBuf>,
+    /// How long to wait for the API before serving persisted objects of kinds not listed yet.
+    pub persisted_grace: Duration,
+}
+
+/// What is persisted: the objects of every kind the mirror serves (pods trimmed to what it reads).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedFile {
+    version: u32,
+    saved: String,
+    services: Vec<KService>,
+    endpoint_slices: Vec<EndpointSlice>,
+    pods: Vec<Pod>,
+    peer_authentications: Vec<DynamicObject>,
+}
+
+const PERSIST_VERSION: u32 = 1;
+/// Persisting is rate-limited: at most one write per this interval (the latest state is written).
+const PERSIST_EVERY: Duration = Duration::from_secs(2);
+
+/// Reads persisted objects; a missing file is normal, a bad one is reported and ignored.
+pub fn load_persisted(path: &std::path::Path) -> Result<Option<(SystemTime, KubeObjects)>, String> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let f: PersistedFile = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("{}: not a winmesh state file: {e}", path.display()))?;
+    if f.version != PERSIST_VERSION {
+        return Err(format!(
+            "{}: state file version {} (this winmesh reads {PERSIST_VERSION})",
+            path.display(),
+            f.version
+        ));
+    }
+    let saved = humantime::parse_rfc3339(&f.saved)
+        .map_err(|e| format!("{}: saved: {e}", path.display()))?;
+    Ok(Some((
+        saved,
+        KubeObjects {
+            services: f.services.into_iter().map(Arc::new).collect(),
+            endpoint_slices: f.endpoint_slices.into_iter().map(Arc::new).collect(),
+            pods: f.pods.into_iter().map(Arc::new).collect(),
+            peer_authentications: f.peer_authentications.into_iter().map(Arc::new).collect(),
+        },
+    )))
+}
+
+/// Writes the objects atomically (a temporary file in the same directory, then a rename).
+pub fn save_persisted(path: &std::path::Path, objects: &KubeObjects) -> Result<(), String> {
+    let f = PersistedFile {
+        version: PERSIST_VERSION,
+        saved: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        services: objects.services.iter().map(|o| (**o).clone()).collect(),
+        endpoint_slices: objects
+            .endpoint_slices
+            .iter()
+            .map(|o| (**o).clone())
+            .collect(),
+        pods: objects
+            .pods
+            .iter()
+            .map(|o| trim_pod((**o).clone()))
+            .collect(),
+        peer_authentications: objects
+            .peer_authentications
+            .iter()
+            .map(|o| (**o).clone())
+            .collect(),
+    };
+    let bytes = serde_json::to_vec(&f).map_err(|e| e.to_string())?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, &bytes).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Keeps only what the mirror reads from a pod (name, namespace, labels, service account, node,
+/// host networking, phase and IPs), so the cache and the state file stay small.
+pub fn trim_pod(p: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
+    let spec = p.spec.map(|s| PodSpec {
+        service_account_name: s.service_account_name,
+        node_name: s.node_name,
+        host_network: s.host_network,
+        containers: vec![],
+        ..Default::default()
+    });
+    let status = p.status.map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        ..Default::default()
+    });
+    Pod {
+        metadata: kube::core::ObjectMeta {
+            name: p.metadata.name,
+            namespace: p.metadata.namespace,
+            labels: p.metadata.labels,
+            resource_version: p.metadata.resource_version,
+            uid: p.metadata.uid,
+            ..Default::default()
+        },
+        spec,
+        status,
+    }
 }
 
 impl KubeSource {
@@ -543,8 +696,13 @@ impl KubeSource {
         let s2 =
             reflector(w, watcher(Api::all(self.client.clone()), cfg.clone())).default_backoff();
         let (pods, w) = reflector::store::<Pod>();
-        let s3 =
-            reflector(w, watcher(Api::all(self.client.clone()), cfg.clone())).default_backoff();
+        // Pods are trimmed before they are cached: the mirror reads a handful of fields.
+        let s3 = reflector(
+            w,
+            watcher(Api::all(self.client.clone()), cfg.clone())
+                .modify(|p: &mut Pod| *p = trim_pod(std::mem::take(p))),
+        )
+        .default_backoff();
         let ar = peer_authentication_resource();
         let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let pas = w.as_reader();
@@ -563,14 +721,38 @@ impl KubeSource {
             signals(Kind::PeerAuthentications, s4),
         ]);
 
+        // The objects in service before this process started, for kinds the API does not list.
+        let persisted = match self.state_file.as_deref().map(load_persisted) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                warn!(error = %e, "ignoring the persisted Kubernetes state");
+                self.count_persist_error("read");
+                None
+            }
+            None => None,
+        };
+        if let Some((saved, o)) = &persisted {
+            info!(saved = %humantime::format_rfc3339_seconds(*saved),
+                  services = o.services.len(), "persisted Kubernetes state found");
+        }
+        let mut persisted_since: Option<SystemTime> = None;
+        let mut grace = persisted
+            .is_some()
+            .then(|| Instant::now() + self.persisted_grace);
+        let mut grace_over = false;
+
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
         // (first unpublished change, latest change)
         let mut pending: Option<(Instant, Instant)> = None;
-        let mut last: Option<KubeMesh> = None;
+        let mut last: Option<(KubeMesh, Option<Vec<&'static str>>)> = None;
+        // Objects waiting to be persisted, and when the next write may happen.
+        let mut unsaved: Option<KubeObjects> = None;
+        let mut next_save = Instant::now();
         loop {
             let deadline = pending
                 .map(|(first, latest)| (latest + self.debounce).min(first + self.debounce_max));
+            let save_at = unsaved.as_ref().map(|_| next_save);
             tokio::select! {
                 sig = events.next() => {
                     let Some(sig) = sig else { return };
@@ -592,7 +774,7 @@ impl KubeSource {
                             }
                             touch(&mut pending, now);
                         }
-                        Signal::Error { kind, message } => {
+                        Signal::Error { kind, message, not_found } => {
                             self.metrics.inc(
                                 "winmesh_kubernetes_watch_errors_total",
                                 "Failed Kubernetes list/watch calls, by kind (retried with backoff).",
@@ -605,41 +787,142 @@ impl KubeSource {
                                 errors.insert(kind.name(), message);
                                 self.publish_errors(&tx, &errors);
                             }
-                            // Without Istio's CRDs (or the right to read them) there are no
-                            // PeerAuthentications to wait for.
-                            if kind == Kind::PeerAuthentications {
+                            // Without Istio's CRDs there are no PeerAuthentications to wait for.
+                            // Any other failure (403, 5xx, unreachable) says nothing about them:
+                            // the last known ones (persisted) stay in service.
+                            let known = persisted.is_some();
+                            if kind == Kind::PeerAuthentications
+                                && !listed.contains(kind.name())
+                                && (not_found || !known)
+                            {
                                 listed.insert(kind.name());
-                                touch(&mut pending, now);
                             }
+                            if known {
+                                grace_over = true;
+                                grace = None;
+                            }
+                            touch(&mut pending, now);
                         }
+                    }
+                }
+                _ = sleep_until(grace), if grace.is_some() => {
+                    grace = None;
+                    grace_over = true;
+                    touch(&mut pending, Instant::now());
+                }
+                _ = sleep_until(save_at), if save_at.is_some() => {
+                    if let Some(objects) = unsaved.take() {
+                        self.persist(objects).await;
+                        next_save = Instant::now() + PERSIST_EVERY;
                     }
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     pending = None;
-                    if !Kind::ALL.iter().all(|k| listed.contains(k.name())) {
+                    // Per kind: what the API listed, else (after the grace period) what was persisted.
+                    let fallback = persisted.as_ref().filter(|_| grace_over).map(|(_, o)| o);
+                    let mut from_persisted: Vec<&'static str> = Vec::new();
+                    let mut pick = |kind: Kind, live: bool| -> Option<bool> {
+                        if live {
+                            Some(true)
+                        } else if fallback.is_some() {
+                            from_persisted.push(kind.name());
+                            Some(false)
+                        } else {
+                            None
+                        }
+                    };
+                    let use_live: Option<Vec<bool>> = Kind::ALL
+                        .iter()
+                        .map(|k| pick(*k, listed.contains(k.name())))
+                        .collect();
+                    let Some(use_live) = use_live else {
                         continue;
-                    }
+                    };
+                    let fb = fallback.cloned().unwrap_or_default();
                     let objects = KubeObjects {
-                        services: services.state(),
-                        endpoint_slices: slices.state(),
-                        pods: pods.state(),
-                        peer_authentications: pas.state(),
+                        services: if use_live[0] { services.state() } else { fb.services },
+                        endpoint_slices: if use_live[1] { slices.state() } else { fb.endpoint_slices },
+                        pods: if use_live[2] { pods.state() } else { fb.pods },
+                        peer_authentications: if use_live[3] {
+                            pas.state()
+                        } else {
+                            fb.peer_authentications
+                        },
                     };
                     let mesh = build(&objects, &self.domain_suffix);
-                    if last.as_ref() == Some(&mesh) {
+                    let persisted_kinds = (!from_persisted.is_empty()).then_some(from_persisted);
+                    let key = (mesh, persisted_kinds);
+                    if last.as_ref() == Some(&key) {
                         continue;
                     }
+                    let (mesh, persisted_kinds) = key.clone();
                     self.report(&mesh);
-                    last = Some(mesh.clone());
+                    let persisted_use = match (&persisted_kinds, &persisted) {
+                        (Some(kinds), Some((saved, _))) => {
+                            let since = *persisted_since.get_or_insert_with(SystemTime::now);
+                            warn!(kinds = ?kinds, "serving persisted Kubernetes state");
+                            Some(PersistedUse { saved: *saved, since, kinds: kinds.clone() })
+                        }
+                        _ => {
+                            if persisted_since.take().is_some() {
+                                info!("Kubernetes API listed every kind; persisted state no longer used");
+                            }
+                            None
+                        }
+                    };
+                    self.metrics.set(
+                        "winmesh_kubernetes_persisted_kinds",
+                        "Kinds served from persisted state because the API has not listed them.",
+                        &[],
+                        persisted_use.as_ref().map_or(0.0, |p| p.kinds.len() as f64),
+                    );
+                    // Only what came from the API is news worth writing down.
+                    if self.state_file.is_some() && use_live.iter().any(|l| *l) {
+                        unsaved = Some(objects);
+                    }
+                    last = Some(key);
                     tx.send_modify(|st| {
                         st.mesh = Some(Arc::new(mesh));
+                        st.persisted = persisted_use;
                         st.errors = errors.clone();
                         st.generation += 1;
                     });
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    if let Some(objects) = unsaved.take() {
+                        self.persist(objects).await;
+                    }
+                    return;
+                }
             }
         }
+    }
+
+    async fn persist(&self, objects: KubeObjects) {
+        let Some(path) = self.state_file.clone() else {
+            return;
+        };
+        let r = tokio::task::spawn_blocking(move || save_persisted(&path, &objects)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot persist the Kubernetes state");
+                self.count_persist_error("write");
+            }
+            Err(e) => {
+                warn!(error = %e, "persist task failed");
+                self.count_persist_error("write");
+            }
+        }
+    }
+
+    fn count_persist_error(&self, op: &str) {
+        self.metrics.inc(
+            "winmesh_kubernetes_persist_errors_total",
+            "Failures reading or writing the persisted Kubernetes state.",
+            &[("op", op)],
+            1.0,
+        );
     }
 
     fn publish_errors(
@@ -735,6 +1018,7 @@ pub async fn combine(
                     mesh: Some(Arc::new(merge(fm, km))),
                     rejected,
                     error: (!errors.is_empty()).then(|| errors.join("; ")),
+                    persisted: k.persisted.as_ref().map(PersistedUse::describe),
                     updated: SystemTime::now(),
                     generation,
                 });
@@ -842,6 +1126,43 @@ mod tests {
             "metadata": {"name": name, "namespace": ns, "creationTimestamp": created},
             "spec": spec
         }))
+    }
+
+    #[test]
+    fn persisted_state_round_trips_with_trimmed_pods() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/state.json");
+        let mut o = objects();
+        o.pods[0] = obj(serde_json::json!({
+            "metadata": {"name": "reviews-v1", "namespace": "bookinfo",
+                         "labels": {TLS_MODE_LABEL: "istio"},
+                         "annotations": {"big": "x".repeat(10_000)}},
+            "spec": {"serviceAccountName": "bookinfo-reviews", "nodeName": "node-a",
+                     "containers": [{"name": "app", "image": "app:1"}]},
+            "status": {"podIP": "10.0.0.2", "phase": "Running",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }));
+        save_persisted(&path, &o).expect("save");
+        let (saved, back) = load_persisted(&path).expect("load").expect("present");
+        assert!(saved <= SystemTime::now());
+        assert_eq!(
+            build(&back, "cluster.local"),
+            build(&o, "cluster.local"),
+            "the mirror builds the same model from what was persisted"
+        );
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(
+            !text.contains("xxxxxxxx") && !text.contains("app:1"),
+            "pods trimmed"
+        );
+        // A missing file is normal; a corrupt one is an error (reported, then ignored).
+        assert!(
+            load_persisted(&dir.path().join("none.json"))
+                .expect("ok")
+                .is_none()
+        );
+        std::fs::write(&path, "{not json").expect("write");
+        assert!(load_persisted(&path).is_err());
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub struct MeshState {
     pub rejected: Vec<ObjectError>,
     /// Why the latest attempt was not applied (the previous model stays in service).
     pub error: Option<String>,
+    /// Set while part of the model comes from state persisted by an earlier run (API outage).
+    pub persisted: Option<String>,
     #[serde(with = "crate::xds::stream::humantime_serde_compat")]
     pub updated: SystemTime,
     pub generation: u64,
@@ -48,6 +50,7 @@ impl Default for MeshState {
             mesh: None,
             rejected: vec![],
             error: None,
+            persisted: None,
             updated: SystemTime::now(),
             generation: 0,
         }
