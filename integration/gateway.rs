@@ -279,6 +279,23 @@ impl World {
         .await
     }
 
+    async fn call_winapp_with(
+        &self,
+        c: &MeshClient,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<support::tls::Reply, String> {
+        c.get_with(
+            self.gw_http,
+            &format!("outbound_.8080_._.{WIN_HOST}"),
+            &["istio-http/1.1", "istio", "http/1.1"],
+            SanCheck::Exact(vec![WIN_ID.into()]),
+            path,
+            headers,
+        )
+        .await
+    }
+
     /// winapp's own backend, for re-rendering the mesh file with it.
     fn winapp_backend(&self) -> Backend {
         FakePort(self._apps[0].addr.port()).backend()
@@ -679,6 +696,151 @@ async fn authorization_policies_deny_and_allow() {
     )
     .await;
     assert_eq!(w.call_winapp(&linux, "/").await.unwrap().status, 200);
+    w.stop().await;
+}
+
+/// Each kind of AuthorizationPolicy condition against the real gateway, and the fail-closed rule for
+/// what it cannot enforce: an ALLOW with a JWT condition allows nobody (it used to be dropped, which
+/// allowed everybody), a DENY with request principals denies everybody, a DENY on ipBlocks denies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_conditions_are_enforced_and_never_fail_open() {
+    let Some(w) = World::start().await else {
+        return;
+    };
+    let linux = w.client(&w.ca, LINUX_ID);
+    let other = w.client(&w.ca, "spiffe://cluster.local/ns/linux/sa/other");
+    wait_for(
+        "baseline",
+        T,
+        || w.diag(),
+        || async {
+            w.call_winapp(&linux, "/")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    let win = w.winapp_backend();
+    let status = |c: &MeshClient, headers: &'static [(&'static str, &'static str)]| {
+        let c = MeshClient {
+            chain_pem: c.chain_pem.clone(),
+            key_pem: c.key_pem.clone(),
+            roots_pem: c.roots_pem.clone(),
+        };
+        let w = &w;
+        async move {
+            w.call_winapp_with(&c, "/", headers)
+                .await
+                .map(|r| r.status)
+                .unwrap_or(0)
+        }
+    };
+    let apply = |policies: &str, what: &str, probe_status: u16| {
+        w.edit_mesh(&format!("authorization_policies:\n{policies}"), &win);
+        let what = what.to_string();
+        let linux = &linux;
+        let w = &w;
+        async move {
+            wait_for(
+                &what,
+                T,
+                || w.diag(),
+                || async {
+                    let (_, reg) = winmesh::status::http_get(
+                        w.server.running.debug_addr,
+                        "/debug/registryz",
+                        None,
+                    )
+                    .await
+                    .ok()?;
+                    let applied = reg.contains(&what);
+                    let s = w.call_winapp(linux, "/").await.ok()?.status;
+                    (applied && s == probe_status).then_some(())
+                },
+            )
+            .await
+        }
+    };
+
+    // ALLOW linuxapp only with header x-tenant: blue.
+    apply(
+        "  - name: tenant-blue\n    namespace: win\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/linux/sa/linuxapp]}}]\n        when: [{key: \"request.headers[x-tenant]\", values: [blue]}]\n",
+        "tenant-blue",
+        403,
+    )
+    .await;
+    assert_eq!(status(&linux, &[("x-tenant", "blue")]).await, 200);
+    assert_eq!(status(&linux, &[("x-tenant", "red")]).await, 403);
+    assert_eq!(status(&other, &[("x-tenant", "blue")]).await, 403);
+
+    // ALLOW with a JWT claim the gateway cannot validate: nobody is allowed (fail-closed).
+    apply(
+        "  - name: jwt-only\n    namespace: win\n    rules:\n      - when: [{key: \"request.auth.claims[iss]\", values: [\"https://idp\"]}]\n",
+        "jwt-only",
+        403,
+    )
+    .await;
+    assert_eq!(status(&other, &[]).await, 403);
+    let (_, reg) = winmesh::status::http_get(w.server.running.debug_addr, "/debug/registryz", None)
+        .await
+        .unwrap();
+    assert!(reg.contains("needs JWT validation"), "{reg}");
+    assert!(
+        w.server
+            .running
+            .metrics
+            .value("winmesh_authz_conditions_not_enforced", &[])
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+
+    // DENY callers from 127.0.0.0/8 (the Linux sidecar's address here): denied.
+    apply(
+        "  - name: deny-loopback\n    namespace: win\n    action: DENY\n    rules:\n      - from: [{source: {ipBlocks: [127.0.0.0/8]}}]\n",
+        "deny-loopback",
+        403,
+    )
+    .await;
+    assert_eq!(status(&other, &[]).await, 403);
+    // notIpBlocks of the same range: allowed again.
+    apply(
+        "  - name: deny-not-loopback\n    namespace: win\n    action: DENY\n    rules:\n      - from: [{source: {notIpBlocks: [127.0.0.0/8]}}]\n",
+        "deny-not-loopback",
+        200,
+    )
+    .await;
+
+    // DENY on request principals, which need JWT validation: denies everybody (more, never less).
+    apply(
+        "  - name: deny-jwt\n    namespace: win\n    action: DENY\n    rules:\n      - from: [{source: {requestPrincipals: [\"*\"]}}]\n",
+        "deny-jwt",
+        403,
+    )
+    .await;
+
+    // DENY by connection.sni, destination.port and source.namespace in `when`.
+    apply(
+        "  - name: deny-sni\n    namespace: win\n    action: DENY\n    rules:\n      - when: [{key: connection.sni, values: [\"outbound_.8080_._.winapp.*\"]}, {key: source.namespace, values: [linux]}, {key: destination.port, values: [\"8080\"]}]\n",
+        "deny-sni",
+        403,
+    )
+    .await;
+    apply(
+        "  - name: deny-other-sni\n    namespace: win\n    action: DENY\n    rules:\n      - when: [{key: connection.sni, values: [\"outbound_.9999_.*\"]}]\n",
+        "deny-other-sni",
+        200,
+    )
+    .await;
+
+    // CUSTOM without an extension provider: enforced as DENY of its rules.
+    apply(
+        "  - name: ext-authz\n    namespace: win\n    action: CUSTOM\n    provider: {name: opa}\n    rules:\n      - from: [{source: {principals: [cluster.local/ns/linux/sa/linuxapp]}}]\n",
+        "ext-authz",
+        403,
+    )
+    .await;
+    assert_eq!(status(&other, &[]).await, 200);
     w.stop().await;
 }
 

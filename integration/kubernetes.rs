@@ -399,10 +399,19 @@ async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
         reg["persisted"].as_str().unwrap().contains("services"),
         "{reg}"
     );
-    let (code, ready) = winmesh::status::http_get(debug, "/readyz", None)
-        .await
-        .unwrap();
-    assert_eq!(code, 200, "{ready}");
+    // Ready (the gateway works), and saying what it serves.
+    let ready = wait_for(
+        "ready while serving persisted state",
+        T,
+        || gateway.diagnostics(),
+        || async {
+            let (code, body) = winmesh::status::http_get(debug, "/readyz", None)
+                .await
+                .ok()?;
+            (code == 200).then_some(body)
+        },
+    )
+    .await;
     assert!(
         ready.contains("serving persisted Kubernetes state"),
         "{ready}"
@@ -429,11 +438,25 @@ async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
         || async { get().await.filter(|(_, b)| b == "web-b") },
     )
     .await;
-    let (_, r) = winmesh::status::http_get(debug, "/debug/registryz", None)
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_str(&r).unwrap();
-    assert!(v["persisted"].is_null(), "{v}");
+    // Every kind relists (each watch on its own backoff): the persisted state is no longer used.
+    wait_for(
+        "every kind listed again",
+        Duration::from_secs(90),
+        || async {
+            winmesh::status::http_get(debug, "/debug/registryz", None)
+                .await
+                .map(|x| x.1)
+                .unwrap_or_default()
+        },
+        || async {
+            let (_, r) = winmesh::status::http_get(debug, "/debug/registryz", None)
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_str(&r).ok()?;
+            v["persisted"].is_null().then_some(())
+        },
+    )
+    .await;
     gateway.stop().await;
     server.stop().await;
 }

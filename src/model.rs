@@ -228,18 +228,35 @@ pub struct PeerAuthentication {
 pub enum Action {
     Allow,
     Deny,
+    /// Istio logs matching requests and changes nothing about access.
+    Audit,
+    /// Delegates to an extension provider (ext_authz). winmesh has none, so, as istiod does when the
+    /// provider is missing, the rules are enforced as DENY.
+    Custom,
 }
 
+/// `from.source`: who the caller is. Principals are SPIFFE IDs without `spiffe://`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Source {
     pub principals: Vec<String>,
     pub not_principals: Vec<String>,
+    pub request_principals: Vec<String>,
+    pub not_request_principals: Vec<String>,
     pub namespaces: Vec<String>,
     pub not_namespaces: Vec<String>,
+    /// The caller's address as the gateway sees it (CIDR or IP).
+    pub ip_blocks: Vec<String>,
+    pub not_ip_blocks: Vec<String>,
+    /// The original client address (X-Forwarded-For / proxy protocol).
+    pub remote_ip_blocks: Vec<String>,
+    pub not_remote_ip_blocks: Vec<String>,
 }
 
+/// `to.operation`: what is asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Operation {
+    pub hosts: Vec<String>,
+    pub not_hosts: Vec<String>,
     pub methods: Vec<String>,
     pub not_methods: Vec<String>,
     pub paths: Vec<String>,
@@ -253,15 +270,27 @@ impl Operation {
         !(self.methods.is_empty()
             && self.not_methods.is_empty()
             && self.paths.is_empty()
-            && self.not_paths.is_empty())
+            && self.not_paths.is_empty()
+            && self.hosts.is_empty()
+            && self.not_hosts.is_empty())
     }
 }
 
-/// A rule matches when any `from` source and any `to` operation match (empty = any).
+/// A `when` condition: an Istio attribute (`request.headers[x-id]`, `source.ip`, ...) and values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Condition {
+    pub key: String,
+    pub values: Vec<String>,
+    pub not_values: Vec<String>,
+}
+
+/// A rule matches when any `from` source, any `to` operation and every `when` condition match
+/// (an empty list = any).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Rule {
     pub from: Vec<Source>,
     pub to: Vec<Operation>,
+    pub when: Vec<Condition>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -271,6 +300,8 @@ pub struct AuthorizationPolicy {
     /// Windows service names in `namespace` it applies to; empty = every Windows service there.
     pub services: Vec<String>,
     pub action: Action,
+    /// `provider.name` of a CUSTOM policy.
+    pub provider: Option<String>,
     pub rules: Vec<Rule>,
 }
 

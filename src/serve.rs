@@ -103,10 +103,27 @@ async fn translate_loop(
     readiness: Arc<crate::debug::Readiness>,
     metrics: Arc<Metrics>,
 ) {
+    let mut logged: Vec<String> = Vec::new();
     loop {
         let st = states.borrow_and_update().clone();
         if let Some(mesh) = &st.mesh {
             let (translated, mut warnings) = translate(mesh, &ctx);
+            // Say once (per change) what an AuthorizationPolicy could not enforce as written.
+            let authz: Vec<String> = warnings
+                .iter()
+                .filter(|w| w.starts_with("AuthorizationPolicy "))
+                .cloned()
+                .collect();
+            for w in authz.iter().filter(|w| !logged.contains(w)) {
+                tracing::warn!(policy_note = %w, "authorization policy not enforced as written (fail-closed)");
+            }
+            metrics.set(
+                "winmesh_authz_conditions_not_enforced",
+                "AuthorizationPolicy conditions or actions the gateway enforces fail-closed instead of as written.",
+                &[],
+                authz.len() as f64,
+            );
+            logged = authz;
             if let Some(m) = &identity {
                 let mut specs = config_extra.clone();
                 for id in mesh.identities() {

@@ -161,6 +161,19 @@ impl MeshClient {
         san: SanCheck,
         path: &str,
     ) -> Result<Reply, String> {
+        self.get_with(addr, sni, alpn, san, path, &[]).await
+    }
+
+    /// Like `get`, with extra request headers.
+    pub async fn get_with(
+        &self,
+        addr: SocketAddr,
+        sni: &str,
+        alpn: &[&str],
+        san: SanCheck,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, String> {
         install_provider();
         let seen = Arc::new(Mutex::new(String::new()));
         let verifier = Arc::new(SpiffeVerifier {
@@ -189,7 +202,12 @@ impl MeshClient {
                 .1
                 .alpn_protocol()
                 .map(|a| String::from_utf8_lossy(a).to_string());
-            let req = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
+            let extra: String = headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\r\n"))
+                .collect();
+            let req =
+                format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\n{extra}Connection: close\r\n\r\n");
             tls.write_all(req.as_bytes())
                 .await
                 .map_err(|e| e.to_string())?;

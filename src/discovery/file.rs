@@ -201,15 +201,31 @@ struct SourceDoc {
     principals: Vec<String>,
     #[serde(default, alias = "notPrincipals")]
     not_principals: Vec<String>,
+    #[serde(default, alias = "requestPrincipals")]
+    request_principals: Vec<String>,
+    #[serde(default, alias = "notRequestPrincipals")]
+    not_request_principals: Vec<String>,
     #[serde(default)]
     namespaces: Vec<String>,
     #[serde(default, alias = "notNamespaces")]
     not_namespaces: Vec<String>,
+    #[serde(default, alias = "ipBlocks")]
+    ip_blocks: Vec<String>,
+    #[serde(default, alias = "notIpBlocks")]
+    not_ip_blocks: Vec<String>,
+    #[serde(default, alias = "remoteIpBlocks")]
+    remote_ip_blocks: Vec<String>,
+    #[serde(default, alias = "notRemoteIpBlocks")]
+    not_remote_ip_blocks: Vec<String>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct OperationDoc {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default, alias = "notHosts")]
+    not_hosts: Vec<String>,
     #[serde(default)]
     methods: Vec<String>,
     #[serde(default, alias = "notMethods")]
@@ -238,11 +254,29 @@ struct ToDoc {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ConditionDoc {
+    key: String,
+    #[serde(default)]
+    values: Vec<String>,
+    #[serde(default, alias = "notValues")]
+    not_values: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RuleDoc {
     #[serde(default)]
     from: Vec<FromDoc>,
     #[serde(default)]
     to: Vec<ToDoc>,
+    #[serde(default)]
+    when: Vec<ConditionDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderDoc {
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -256,7 +290,21 @@ struct AuthzDoc {
     #[serde(default = "allow")]
     action: Action,
     #[serde(default)]
+    provider: Option<ProviderDoc>,
+    #[serde(default)]
     rules: Vec<RuleDoc>,
+}
+
+/// Just where a policy applies and what it does, read leniently: when the rest of a policy is
+/// malformed, this is enough to enforce it fail-closed instead of dropping it.
+#[derive(Deserialize)]
+struct AuthzEnvelope {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default = "allow")]
+    action: Action,
 }
 
 fn allow() -> Action {
@@ -587,8 +635,14 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
             from.push(Source {
                 principals: s.principals,
                 not_principals: s.not_principals,
+                request_principals: s.request_principals,
+                not_request_principals: s.not_request_principals,
                 namespaces: s.namespaces,
                 not_namespaces: s.not_namespaces,
+                ip_blocks: s.ip_blocks,
+                not_ip_blocks: s.not_ip_blocks,
+                remote_ip_blocks: s.remote_ip_blocks,
+                not_remote_ip_blocks: s.not_remote_ip_blocks,
             });
         }
         let mut to = Vec::new();
@@ -610,6 +664,8 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
                 check_principal(p).map_err(|e| format!("rules[{i}].to.paths: {e}"))?;
             }
             to.push(Operation {
+                hosts: o.hosts,
+                not_hosts: o.not_hosts,
                 methods: o.methods,
                 not_methods: o.not_methods,
                 paths: o.paths,
@@ -618,15 +674,50 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
                 not_ports,
             });
         }
-        rules.push(Rule { from, to });
+        let when = r
+            .when
+            .into_iter()
+            .map(|c| Condition {
+                key: c.key,
+                values: c.values,
+                not_values: c.not_values,
+            })
+            .collect();
+        rules.push(Rule { from, to, when });
+    }
+    if d.action == Action::Custom && d.provider.is_none() {
+        return Err("provider: a CUSTOM policy needs provider.name".into());
     }
     Ok(AuthorizationPolicy {
         name: d.name,
         namespace: d.namespace,
         services: d.services,
         action: d.action,
+        provider: d.provider.map(|p| p.name),
         rules,
     })
+}
+
+/// A policy whose rules could not be read, enforced fail-closed: an ALLOW policy that allows nothing
+/// (other ALLOW policies still allow what they allow), a DENY or CUSTOM policy that denies everything
+/// on the services it selects. An AUDIT policy changes nothing about access anyway.
+fn fail_closed_policy(e: AuthzEnvelope) -> AuthorizationPolicy {
+    let rules = match e.action {
+        Action::Allow | Action::Audit => vec![],
+        Action::Deny | Action::Custom => vec![Rule::default()],
+    };
+    AuthorizationPolicy {
+        name: e.name,
+        namespace: e.namespace,
+        services: e.services,
+        action: if e.action == Action::Custom {
+            Action::Deny
+        } else {
+            e.action
+        },
+        provider: None,
+        rules,
+    }
 }
 
 /// Parses a mesh file. `Err` = the file as a whole is unusable; `Ok` carries the model and the objects
@@ -844,7 +935,24 @@ pub fn parse_sections(
         }
     }
     for (i, v) in authorization_policies.iter().enumerate() {
-        match decode::<AuthzDoc>(v).and_then(policy) {
+        let parsed = decode::<AuthzDoc>(v).and_then(policy).or_else(|m| {
+            // Dropping a broken policy would widen access (a DENY that vanishes, or the only ALLOW
+            // policy of a service). Enforce it fail-closed and report it.
+            match decode::<AuthzEnvelope>(v) {
+                Ok(env) if dns_label(&env.name) && dns_label(&env.namespace) => {
+                    let p = fail_closed_policy(env);
+                    let how = if p.rules.is_empty() {
+                        "enforced as an ALLOW policy that allows nothing"
+                    } else {
+                        "enforced as a DENY of every request"
+                    };
+                    reject("authorization_policy", v, i, format!("{m} ({how})"));
+                    Ok(p)
+                }
+                _ => Err(m),
+            }
+        });
+        match parsed {
             Ok(p) => {
                 if mesh
                     .authorization_policies

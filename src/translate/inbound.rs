@@ -67,10 +67,11 @@ fn http_chain_filters(
     svc: &WindowsService,
     p: &WindowsPort,
     cluster: &str,
+    notes: &mut Vec<String>,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
     let owned = policies(mesh, ctx, svc);
     let policies: Vec<&AuthorizationPolicy> = owned.iter().collect();
-    let mut http_filters = rbac::http_filters(&policies, &|p| gateway_port(svc, p));
+    let mut http_filters = rbac::http_filters(&policies, &|p| gateway_port(svc, p), notes);
     http_filters.push(router());
     let route_config = RouteConfiguration {
         name: cluster.to_string(),
@@ -130,10 +131,11 @@ fn tcp_chain_filters(
     ctx: &Ctx,
     svc: &WindowsService,
     cluster: &str,
+    notes: &mut Vec<String>,
 ) -> Vec<envoy_types::pb::envoy::config::listener::v3::Filter> {
     let owned = policies(mesh, ctx, svc);
     let policies: Vec<&AuthorizationPolicy> = owned.iter().collect();
-    let mut filters = rbac::network_filters(&policies, cluster, &|p| gateway_port(svc, p));
+    let mut filters = rbac::network_filters(&policies, cluster, &|p| gateway_port(svc, p), notes);
     filters.push(network_filter(
         "envoy.filters.network.tcp_proxy",
         TcpProxy {
@@ -145,7 +147,7 @@ fn tcp_chain_filters(
     filters
 }
 
-pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated) {
+pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, notes: &mut Vec<String>) {
     // gateway port → chains
     let mut by_port: BTreeMap<u16, Vec<FilterChain>> = BTreeMap::new();
     for svc in &mesh.windows_services {
@@ -168,9 +170,9 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated) {
                 ..Default::default()
             };
             let filters = if http {
-                http_chain_filters(mesh, ctx, svc, p, &cluster)
+                http_chain_filters(mesh, ctx, svc, p, &cluster, notes)
             } else {
-                tcp_chain_filters(mesh, ctx, svc, &cluster)
+                tcp_chain_filters(mesh, ctx, svc, &cluster, notes)
             };
             by_port
                 .entry(p.gateway_port)

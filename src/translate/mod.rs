@@ -37,7 +37,12 @@ impl Ctx {
 pub fn translate(mesh: &Mesh, ctx: &Ctx) -> (Translated, Vec<String>) {
     let mut out = Translated::default();
     let mut warnings = Vec::new();
-    inbound::translate(mesh, ctx, &mut out);
+    let mut authz = Vec::new();
+    inbound::translate(mesh, ctx, &mut out, &mut authz);
+    // A policy applies to every chain of its services: say each thing once.
+    authz.sort();
+    authz.dedup();
+    warnings.extend(authz);
     outbound::translate(mesh, ctx, &mut out, &mut warnings);
     (out, warnings)
 }

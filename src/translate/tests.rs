@@ -424,7 +424,23 @@ authorization_policies:
     let (mesh, errs) = parse(text, &settings()).unwrap();
     assert_eq!(mesh.services.len(), 1);
     assert_eq!(mesh.windows_services.len(), 1);
-    assert_eq!(mesh.authorization_policies.len(), 1);
+    // `when` and `ipBlocks` are enforced; the malformed policies are kept fail-closed (an ALLOW
+    // that allows nothing) and reported, never dropped (dropping one would widen access).
+    let policies: Vec<(&str, usize)> = mesh
+        .authorization_policies
+        .iter()
+        .map(|p| (p.name.as_str(), p.rules.len()))
+        .collect();
+    assert_eq!(
+        policies,
+        [
+            ("ok", 1),
+            ("when", 1),
+            ("ipblocks", 1),
+            ("midstar", 0),
+            ("spiffe", 0)
+        ]
+    );
     let named: Vec<String> = errs
         .iter()
         .map(|e| format!("{} {}", e.kind, e.name))
@@ -438,8 +454,6 @@ authorization_policies:
         "service a/udp",
         "windows_service win/badid",
         "windows_service win/nobackends",
-        "authorization_policy win/when",
-        "authorization_policy win/ipblocks",
         "authorization_policy win/midstar",
         "authorization_policy win/spiffe",
     ] {
@@ -456,6 +470,42 @@ authorization_policies:
     );
     let dup = errs.iter().find(|e| e.name == "a/good").unwrap();
     assert!(dup.message.contains("duplicate"));
+    let mid = errs.iter().find(|e| e.name == "win/midstar").unwrap();
+    assert!(mid.message.contains("allows nothing"), "{}", mid.message);
+}
+
+#[test]
+fn a_malformed_deny_policy_denies_everything_instead_of_vanishing() {
+    let text = r#"
+windows_services:
+  - {name: w, namespace: win, ports: [{name: http, port: 80}], backends: [10.0.0.1]}
+authorization_policies:
+  - {name: block, namespace: win, action: DENY, rules: [{from: [{source: {principals: ["a*b"]}}]}]}
+  - {name: typo, namespace: win, action: DENY, rules: [{from: [{source: {principal: ["x"]}}]}]}
+  - {name: ext, namespace: win, action: CUSTOM, rules: [{}]}
+"#;
+    let (mesh, errs) = parse(text, &settings()).unwrap();
+    let got: Vec<(&str, crate::model::Action, usize)> = mesh
+        .authorization_policies
+        .iter()
+        .map(|p| (p.name.as_str(), p.action, p.rules.len()))
+        .collect();
+    use crate::model::Action::Deny;
+    assert_eq!(
+        got,
+        [("block", Deny, 1), ("typo", Deny, 1), ("ext", Deny, 1)]
+    );
+    assert!(
+        mesh.authorization_policies
+            .iter()
+            .all(|p| p.rules[0] == Default::default())
+    );
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    assert!(
+        errs.iter()
+            .all(|e| e.message.contains("DENY of every request")),
+        "{errs:?}"
+    );
 }
 
 #[test]
