@@ -75,6 +75,7 @@ fn main() {
         reserved: vec![],
     };
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: winmesh::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/win/sa/gw").unwrap(),

@@ -542,6 +542,35 @@ async fn the_mesh_port_refuses_plaintext_strangers_and_unknown_sni() {
         "server ALPN h2/http1.1, never istio*"
     );
 
+    // TLS 1.2 with a suite an Istio sidecar refuses (not among its six defaults): refused. One of
+    // the six: accepted.
+    let sni = format!("outbound_.8080_._.{WIN_HOST}");
+    let alpn = ["istio-http/1.1", "istio", "http/1.1"];
+    let chacha = linux
+        .handshake_tls12(
+            w.gw_http,
+            &sni,
+            &alpn,
+            &[rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256],
+        )
+        .await;
+    assert!(
+        chacha.is_err(),
+        "CHACHA20 over TLS 1.2 accepted: {chacha:?}"
+    );
+    let gcm = linux
+        .handshake_tls12(
+            w.gw_http,
+            &sni,
+            &alpn,
+            &[rustls::crypto::ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256],
+        )
+        .await;
+    assert_eq!(
+        gcm.as_deref(),
+        Ok("TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256")
+    );
+
     // Plaintext HTTP to the mesh port: no response, connection closed.
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -41,6 +41,7 @@ fn ca(s: &Setup, cluster_id: &str) -> Arc<IstiodCa> {
         root_cert_file: s.dir.path().join("root-cert.pem"),
         cluster_id: cluster_id.into(),
         timeout: Duration::from_secs(5),
+        cert_signer: String::new(),
     })
 }
 
@@ -119,6 +120,11 @@ async fn gets_a_verified_chain_with_a_multi_root_bundle() {
         assert_eq!(seen.tokens, vec!["tok-gw"]);
         assert_eq!(seen.cluster_ids, vec!["Kubernetes"]);
         assert_eq!(seen.ttls, vec![3600]);
+        assert_eq!(
+            seen.cert_signers,
+            vec![Some(String::new())],
+            "istio-agent always sends metadata.CertSigner"
+        );
     }
     assert_eq!(
         m.state(&SpiffeId::parse(GW).unwrap()),
@@ -417,4 +423,24 @@ async fn an_expired_certificate_makes_the_gateway_unready() {
     )
     .await;
     server.stop().await;
+}
+
+/// `ca.cert_signer` reaches istiod as `metadata.CertSigner`, as `ISTIO_META_CERT_SIGNER` does.
+#[tokio::test]
+async fn the_configured_cert_signer_is_sent() {
+    let s = setup("istiod.istio-system.svc").await;
+    let mut c = (*ca(&s, "Kubernetes")).clone();
+    c.cert_signer = "clusterissuers.cert-manager.io/istio-ca".into();
+    let (_m, mut rx) = IdentityManager::start(
+        Arc::new(c),
+        Duration::from_secs(3600),
+        gw(&s.token),
+        Arc::new(Metrics::new()),
+        Clock::new(),
+    );
+    first_cert(&mut rx).await;
+    assert_eq!(
+        s.istiod.seen.lock().unwrap().cert_signers,
+        vec![Some("clusterissuers.cert-manager.io/istio-ca".to_string())]
+    );
 }

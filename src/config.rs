@@ -50,6 +50,53 @@ pub struct MeshConfig {
     pub root_namespace: String,
     /// Mirror the Linux side of the mesh from the Kubernetes API (docs/kubernetes.md).
     pub kubernetes: KubernetesConfig,
+    /// TLS of the gateway's mesh-facing ports, as MeshConfig `meshMTLS` sets it for sidecars.
+    pub mtls: MeshMtls,
+}
+
+/// The six cipher suites an Istio sidecar accepts for TLS 1.2 on inbound mTLS when MeshConfig
+/// `meshMTLS.cipherSuites` is unset (istio/istio `pilot/pkg/security/authn/utils/utils.go`,
+/// `SupportedCiphers`). TLS 1.3 suites are not configurable in Envoy.
+pub const ISTIO_DEFAULT_CIPHER_SUITES: [&str; 6] = [
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "AES256-GCM-SHA384",
+    "AES128-GCM-SHA256",
+];
+
+/// The equivalent of MeshConfig `meshMTLS` for the gateway's mesh-facing ports.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshMtls {
+    /// `TLSV1_2` (Istio's default) or `TLSV1_3`.
+    pub min_protocol_version: TlsVersion,
+    /// TLS 1.2 cipher suites; default Istio's six.
+    pub cipher_suites: Vec<String>,
+    /// ECDH curves; empty = Envoy's default (Istio sets none; see docs/security.md).
+    pub ecdh_curves: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSV1_2")]
+    Tls12,
+    #[serde(rename = "TLSV1_3")]
+    Tls13,
+}
+
+impl Default for MeshMtls {
+    fn default() -> Self {
+        MeshMtls {
+            min_protocol_version: TlsVersion::Tls12,
+            cipher_suites: ISTIO_DEFAULT_CIPHER_SUITES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ecdh_curves: vec![],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -97,6 +144,7 @@ impl Default for MeshConfig {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             kubernetes: KubernetesConfig::default(),
+            mtls: MeshMtls::default(),
         }
     }
 }
@@ -183,6 +231,10 @@ pub struct CaConfig {
     /// istiod: connect and call timeout.
     #[serde(default = "default_ca_timeout", with = "duration_str")]
     pub timeout: Duration,
+    /// istiod: the `CertSigner` sent with every request (istio-agent's `ISTIO_META_CERT_SIGNER`);
+    /// empty = the default signer.
+    #[serde(default)]
+    pub cert_signer: String,
 }
 
 fn default_state_dir() -> PathBuf {
@@ -214,6 +266,7 @@ impl CaConfig {
             root_cert_file: default_root_cert_file(),
             cluster_id: default_cluster_id(),
             timeout: default_ca_timeout(),
+            cert_signer: String::new(),
         }
     }
 }
@@ -624,6 +677,18 @@ impl Config {
         }
         if self.mesh.poll_interval < Duration::from_millis(50) {
             return Err(err("mesh.poll_interval", "must be at least 50ms".into()));
+        }
+        for (i, c) in self.mesh.mtls.cipher_suites.iter().enumerate() {
+            if c.is_empty()
+                || !c
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(
+                    &format!("mesh.mtls.cipher_suites[{i}]"),
+                    format!("{c:?} is not a cipher suite name"),
+                ));
+            }
         }
         if self.mesh.settle > Duration::from_secs(60) {
             return Err(err("mesh.settle", "must be at most 60s".into()));

@@ -32,6 +32,7 @@ pub fn ca_backend(cfg: &Config) -> anyhow::Result<Option<Arc<dyn CaBackend>>> {
             root_cert_file: ca.root_cert_file.clone(),
             cluster_id: ca.cluster_id.clone(),
             timeout: ca.timeout,
+            cert_signer: ca.cert_signer.clone(),
         }),
     }))
 }
@@ -268,6 +269,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         file_rx
     };
     let ctx = Ctx {
+        mesh_mtls: cfg.mesh.mtls.clone(),
         secrets_via: cfg.xds.secrets,
         default_identity: cfg.identity.spiffe_id()?,
         trust_domain_aliases: cfg.identity.trust_domain_aliases.clone(),

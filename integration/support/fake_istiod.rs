@@ -39,6 +39,8 @@ pub struct Seen {
     pub tokens: Vec<String>,
     pub cluster_ids: Vec<String>,
     pub ttls: Vec<i64>,
+    /// `metadata.CertSigner` of each request (`None`: no metadata, or no such field).
+    pub cert_signers: Vec<Option<String>>,
 }
 
 pub struct FakeIstiod {
@@ -89,6 +91,15 @@ impl IstioCertificateService for Svc {
             s.tokens.push(token.clone());
             s.cluster_ids.push(cluster.clone());
             s.ttls.push(req.validity_duration);
+            s.cert_signers.push(
+                req.metadata
+                    .as_ref()
+                    .and_then(|m| m.fields.get("CertSigner"))
+                    .and_then(|v| match &v.kind {
+                        Some(prost_types::value::Kind::StringValue(x)) => Some(x.clone()),
+                        _ => None,
+                    }),
+            );
         }
         let mode = *self.mode.lock().unwrap();
         match mode {

@@ -164,6 +164,56 @@ impl MeshClient {
         self.get_with(addr, sni, alpn, san, path, &[]).await
     }
 
+    /// A TLS 1.2 handshake offering only `suites` (and this client's certificate): `Ok` with the
+    /// negotiated suite's name, or the handshake error.
+    pub async fn handshake_tls12(
+        &self,
+        addr: SocketAddr,
+        sni: &str,
+        alpn: &[&str],
+        suites: &[rustls::SupportedCipherSuite],
+    ) -> Result<String, String> {
+        install_provider();
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: suites.to_vec(),
+            ..rustls::crypto::ring::default_provider()
+        };
+        let verifier = Arc::new(SpiffeVerifier {
+            roots: certs(&self.roots_pem),
+            san: SanCheck::Prefix("spiffe://".into()),
+            seen_serial: Arc::new(Mutex::new(String::new())),
+        });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(certs(&self.chain_pem), key(&self.key_pem))
+            .map_err(|e| e.to_string())?;
+        cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let fut = async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| e.to_string())?;
+            let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            Ok::<_, String>(
+                tls.get_ref()
+                    .1
+                    .negotiated_cipher_suite()
+                    .map(|s| format!("{:?}", s.suite()))
+                    .unwrap_or_default(),
+            )
+        };
+        tokio::time::timeout(Duration::from_secs(5), fut)
+            .await
+            .map_err(|_| "timed out".to_string())?
+    }
+
     /// Like `get`, with extra request headers.
     pub async fn get_with(
         &self,

@@ -50,6 +50,19 @@ pub trait CaBackend: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// `{"CertSigner": signer}` as a protobuf Struct.
+pub fn cert_signer_metadata(signer: &str) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: [(
+            "CertSigner".to_string(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(signer.to_string())),
+            },
+        )]
+        .into(),
+    }
+}
+
 /// The istiod CA client.
 #[derive(Debug, Clone)]
 pub struct IstiodCa {
@@ -58,6 +71,9 @@ pub struct IstiodCa {
     pub root_cert_file: PathBuf,
     pub cluster_id: String,
     pub timeout: Duration,
+    /// Sent as `metadata.CertSigner`, as istio-agent sends `ISTIO_META_CERT_SIGNER` (or ""): istiod's
+    /// Kubernetes RA picks the signer by it.
+    pub cert_signer: String,
 }
 
 fn read(path: &Path, what: &str) -> Result<String, CaError> {
@@ -113,7 +129,9 @@ impl IstiodCa {
         let mut request = tonic::Request::new(IstioCertificateRequest {
             csr: req.csr_pem,
             validity_duration: req.ttl.as_secs() as i64,
-            metadata: None,
+            // istio-agent always sends this struct (security/pkg/nodeagent/caclient/providers/
+            // citadel/client.go: `metadata = {"CertSigner": <ISTIO_META_CERT_SIGNER or "">}`).
+            metadata: Some(cert_signer_metadata(&self.cert_signer)),
         });
         let bearer: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| {
             CaError::new(

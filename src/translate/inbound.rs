@@ -147,6 +147,24 @@ fn tcp_chain_filters(
     filters
 }
 
+/// MeshConfig `meshMTLS` on a server-side context, as Istio's inbound builder applies it: minimum
+/// version (default TLS 1.2), maximum TLS 1.3, the cipher suites (default Istio's six), and ECDH curves
+/// only when set.
+fn apply_mesh_mtls(
+    common: &mut envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::CommonTlsContext,
+    m: &crate::config::MeshMtls,
+) {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::tls_parameters::TlsProtocol;
+    let params = common.tls_params.get_or_insert_with(Default::default);
+    params.tls_minimum_protocol_version = match m.min_protocol_version {
+        crate::config::TlsVersion::Tls12 => TlsProtocol::TlSv12 as i32,
+        crate::config::TlsVersion::Tls13 => TlsProtocol::TlSv13 as i32,
+    };
+    params.tls_maximum_protocol_version = TlsProtocol::TlSv13 as i32;
+    params.cipher_suites = m.cipher_suites.clone();
+    params.ecdh_curves = m.ecdh_curves.clone();
+}
+
 pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, notes: &mut Vec<String>) {
     // gateway port → chains
     let mut by_port: BTreeMap<u16, Vec<FilterChain>> = BTreeMap::new();
@@ -155,18 +173,22 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, notes: &mut Vec<S
         for p in &svc.ports {
             let cluster = inbound_cluster_name(p.port, &svc.host);
             let http = !p.protocol.is_tcp();
-            let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { &[] };
+            // An Istio sidecar's inbound chains offer `h2, http/1.1` on HTTP and TCP chains alike
+            // (istio/istio pilot/pkg/security/authn/utils/utils.go), never `istio-peer-exchange`.
+            let alpn: &[&str] = &["h2", "http/1.1"];
+            let mut common = common_tls(
+                &cert,
+                std::iter::once(&mesh.trust_domain)
+                    .chain(ctx.trust_domain_aliases.iter())
+                    .map(|td| uri_san(prefix(&format!("spiffe://{td}/"))))
+                    .collect(),
+                alpn,
+                ctx.secrets_via,
+            );
+            apply_mesh_mtls(&mut common, &ctx.mesh_mtls);
             let tls = DownstreamTlsContext {
                 require_client_certificate: Some(BoolValue { value: true }),
-                common_tls_context: Some(common_tls(
-                    &cert,
-                    std::iter::once(&mesh.trust_domain)
-                        .chain(ctx.trust_domain_aliases.iter())
-                        .map(|td| uri_san(prefix(&format!("spiffe://{td}/"))))
-                        .collect(),
-                    alpn,
-                    ctx.secrets_via,
-                )),
+                common_tls_context: Some(common),
                 ..Default::default()
             };
             let filters = if http {

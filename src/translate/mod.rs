@@ -21,6 +21,8 @@ pub struct Ctx {
     pub default_identity: SpiffeId,
     /// Other trust domains whose workloads are accepted as mesh callers (Istio's trust-domain aliases).
     pub trust_domain_aliases: Vec<String>,
+    /// TLS parameters of the gateway's mesh-facing (server) side, like MeshConfig `meshMTLS`.
+    pub mesh_mtls: crate::config::MeshMtls,
 }
 
 impl Ctx {

@@ -74,6 +74,7 @@ fn translated() -> Translated {
     let (mesh, errs) = parse(MESH, &settings()).unwrap();
     assert!(errs.is_empty(), "{errs:?}");
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
@@ -134,6 +135,15 @@ fn inbound_chain_is_istio_server_side() {
     assert!(tls.require_client_certificate.unwrap().value);
     let common = tls.common_tls_context.unwrap();
     assert_eq!(common.alpn_protocols, vec!["h2", "http/1.1"]);
+    // Istio's inbound TLS parameters: 1.2–1.3 and its six TLS 1.2 suites, no curves of its own.
+    let params = common.tls_params.clone().unwrap();
+    assert_eq!(params.tls_minimum_protocol_version, 3, "TLSv1_2");
+    assert_eq!(params.tls_maximum_protocol_version, 4, "TLSv1_3");
+    assert_eq!(
+        params.cipher_suites,
+        crate::config::ISTIO_DEFAULT_CIPHER_SUITES.to_vec()
+    );
+    assert!(params.ecdh_curves.is_empty());
     assert_eq!(
         common.tls_certificate_sds_secret_configs[0].name,
         "spiffe://cluster.local/ns/win/sa/winapp"
@@ -632,6 +642,7 @@ peer_authentications:
     .unwrap();
     assert!(errs.is_empty(), "{errs:?}");
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
@@ -678,6 +689,7 @@ fn identical_input_gives_identical_bytes() {
     .unwrap();
     let (mesh, _) = parse(&text, &settings()).unwrap();
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
@@ -722,6 +734,7 @@ fn a_gateway_port_may_not_reuse_the_windows_facing_ports() {
 fn trust_domain_aliases_are_accepted_callers() {
     let (mesh, _) = parse(MESH, &settings()).unwrap();
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec!["old.example".into()],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
@@ -767,6 +780,7 @@ fn trust_domain_aliases_are_accepted_callers() {
     let (t0, _) = translate(
         &mesh,
         &Ctx {
+            mesh_mtls: Default::default(),
             trust_domain_aliases: vec![],
             ..ctx
         },
@@ -792,6 +806,7 @@ fn a_windows_service_can_call_the_mesh_with_its_own_identity() {
     assert!(errs.is_empty(), "{errs:?}");
     assert_eq!(mesh.windows_services[1].outbound_port, Some(15002));
     let ctx = Ctx {
+        mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
         default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
@@ -893,4 +908,63 @@ fn windows_outbound_ports_are_checked() {
         assert!(errs[0].message.contains(want), "{}", errs[0]);
         assert_eq!(mesh.windows_services.len(), 1, "the good one stays");
     }
+}
+
+#[test]
+fn tcp_chains_offer_istio_server_alpn_and_mesh_mtls_is_configurable() {
+    let text = "windows_services:\n  - {name: db, namespace: win, ports: [{name: tcp-sql, port: 1433, gateway_port: 15433}], backends: [10.0.0.9]}\n";
+    let (mesh, errs) = parse(text, &settings()).unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let mut ctx = Ctx {
+        mesh_mtls: crate::config::MeshMtls {
+            min_protocol_version: crate::config::TlsVersion::Tls13,
+            cipher_suites: vec!["ECDHE-ECDSA-AES256-GCM-SHA384".into()],
+            ecdh_curves: vec!["P-256".into()],
+        },
+        secrets_via: crate::config::SecretsVia::Ads,
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+        trust_domain_aliases: vec![],
+    };
+    let (t, _) = translate(&mesh, &ctx);
+    let l = listener(&t, "winmesh_inbound_15433");
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+        any,
+    )) = &l.filter_chains[0]
+        .transport_socket
+        .as_ref()
+        .unwrap()
+        .config_type
+    else {
+        panic!()
+    };
+    let common = DownstreamTlsContext::decode(any.value.as_slice())
+        .unwrap()
+        .common_tls_context
+        .unwrap();
+    assert_eq!(
+        common.alpn_protocols,
+        vec!["h2", "http/1.1"],
+        "TCP chain too"
+    );
+    let params = common.tls_params.unwrap();
+    assert_eq!(params.tls_minimum_protocol_version, 4);
+    assert_eq!(params.cipher_suites, vec!["ECDHE-ECDSA-AES256-GCM-SHA384"]);
+    assert_eq!(params.ecdh_curves, vec!["P-256"]);
+    ctx.mesh_mtls = Default::default();
+    let c = crate::config::Config::parse(
+        "mesh:\n  mtls:\n    min_protocol_version: TLSV1_3\n    cipher_suites: [ECDHE-RSA-AES128-GCM-SHA256]\n",
+        "t.yaml",
+    )
+    .unwrap();
+    assert_eq!(
+        c.mesh.mtls.min_protocol_version,
+        crate::config::TlsVersion::Tls13
+    );
+    assert!(
+        crate::config::Config::parse(
+            "mesh:\n  mtls:\n    cipher_suites: [\"bad suite\"]\n",
+            "t.yaml"
+        )
+        .is_err()
+    );
 }
