@@ -119,6 +119,11 @@ async fn windows_to_linux_routes_follow_the_cluster() {
     })
     .await;
     assert_eq!(body, "web-a");
+    assert_eq!(
+        kube.user_agents(),
+        [format!("winmesh/{}", env!("CARGO_PKG_VERSION"))],
+        "every API request says it is winmesh"
+    );
     let reg = registry(&m).await;
     let svc = &reg["mesh"]["services"][0];
     assert_eq!(svc["host"], "web.shop.svc.cluster.local");

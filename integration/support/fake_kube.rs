@@ -28,6 +28,8 @@ struct Inner {
     missing: BTreeSet<String>,
     /// Collections that answer 403, as when RBAC does not allow reading them.
     forbidden: BTreeSet<String>,
+    /// Every User-Agent seen.
+    user_agents: BTreeSet<String>,
 }
 
 #[derive(Clone)]
@@ -75,6 +77,7 @@ impl FakeKube {
                 history: vec![],
                 missing: missing.iter().map(|s| s.to_string()).collect(),
                 forbidden: BTreeSet::new(),
+                user_agents: BTreeSet::new(),
             })),
             events,
             down: tokio::sync::watch::channel(false).0,
@@ -88,6 +91,18 @@ impl FakeKube {
             let _ = axum::serve(listener, app).await;
         });
         FakeKube { addr, shared, task }
+    }
+
+    /// The User-Agent headers clients sent.
+    pub fn user_agents(&self) -> Vec<String> {
+        self.shared
+            .inner
+            .lock()
+            .unwrap()
+            .user_agents
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Makes collection `path` answer 403 Forbidden (or stop doing so).
@@ -159,7 +174,13 @@ fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
     })
 }
 
-async fn handle(State(s): State<Shared>, uri: Uri) -> Response {
+async fn handle(State(s): State<Shared>, headers: axum::http::HeaderMap, uri: Uri) -> Response {
+    if let Some(ua) = headers
+        .get(axum::http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        s.inner.lock().unwrap().user_agents.insert(ua.to_string());
+    }
     let path = uri.path().to_string();
     let known = [SERVICES, PODS, ENDPOINT_SLICES, PEER_AUTHENTICATIONS];
     if *s.down.borrow() {

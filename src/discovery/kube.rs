@@ -560,8 +560,18 @@ pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client
             .await
             .map_err(|e| format!("no Kubernetes configuration found: {e}"))?,
     };
+    let mut config = config;
+    // Tell winmesh apart in audit logs and API priority-and-fairness rules, as istiod does with
+    // `pilot-discovery/<version>`.
+    config.headers.push((
+        axum::http::header::USER_AGENT,
+        axum::http::HeaderValue::from_static(USER_AGENT),
+    ));
     kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
+
+/// The User-Agent of every request to the Kubernetes API.
+pub const USER_AGENT: &str = concat!("winmesh/", env!("CARGO_PKG_VERSION"));
 
 /// Watches the cluster and publishes [`KubeState`]s, debounced like istiod (a quiet period, with an
 /// upper bound under constant churn).
