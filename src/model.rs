@@ -128,12 +128,33 @@ pub enum TlsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub address: IpAddr,
-    /// Port per service port name; missing names use the port's `target_port`.
+    /// Port per service port name; missing names use the port's `target_port` (unless
+    /// `listed_ports_only`).
     pub ports: BTreeMap<String, u16>,
     pub service_account: Option<String>,
+    /// Namespace of the workload behind the endpoint when it is not the service's (a `targetRef` to
+    /// a pod in another namespace): its SAN and PeerAuthentication are the pod's, as in istiod
+    /// (`SecureNamingSAN(pod)`).
+    pub namespace: Option<String>,
+    /// The workload's labels (for workload-selector PeerAuthentication).
+    pub labels: BTreeMap<String, String>,
     pub tls_mode: TlsMode,
     pub node: Option<String>,
     pub ready: bool,
+    /// The endpoint serves only the ports named in `ports` (an EndpointSlice lists the ports its
+    /// endpoints have; istiod builds no endpoint for a port the slice lacks).
+    pub listed_ports_only: bool,
+}
+
+impl Endpoint {
+    /// The endpoint's port for a service port, or `None` if it does not serve that port.
+    pub fn port_for(&self, p: &ServicePort) -> Option<u16> {
+        match self.ports.get(&p.name) {
+            Some(port) => Some(*port),
+            None if self.listed_ports_only => None,
+            None => Some(p.target_port),
+        }
+    }
 }
 
 /// A mesh service (typically on Linux, behind Istio sidecars).
@@ -153,18 +174,25 @@ pub struct Service {
 impl Service {
     /// SPIFFE IDs a client must accept from this service's endpoints (Istio's SAN list).
     pub fn expected_sans(&self, trust_domain: &str) -> Vec<String> {
+        let qualify = |ns: &str, sa: &str| {
+            if sa.starts_with("spiffe://") {
+                sa.to_string()
+            } else {
+                format!("spiffe://{trust_domain}/ns/{ns}/sa/{sa}")
+            }
+        };
         let mut v: Vec<String> = self
             .endpoints
             .iter()
-            .filter_map(|e| e.service_account.clone())
-            .chain(self.extra_service_accounts.iter().cloned())
-            .map(|sa| {
-                if sa.starts_with("spiffe://") {
-                    sa
-                } else {
-                    format!("spiffe://{trust_domain}/ns/{}/sa/{sa}", self.namespace)
-                }
+            .filter_map(|e| {
+                let ns = e.namespace.as_deref().unwrap_or(&self.namespace);
+                e.service_account.as_deref().map(|sa| qualify(ns, sa))
             })
+            .chain(
+                self.extra_service_accounts
+                    .iter()
+                    .map(|sa| qualify(&self.namespace, sa)),
+            )
             .collect();
         v.sort();
         v.dedup();
@@ -218,6 +246,8 @@ pub enum MtlsMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PeerAuthentication {
     pub namespace: String,
+    /// `selector.matchLabels`: empty = namespace-wide (or mesh-wide in the root namespace).
+    pub selector: BTreeMap<String, String>,
     pub mode: MtlsMode,
     /// Keyed by the workload's (endpoint's) port, as Istio's `portLevelMtls` is.
     pub port_modes: BTreeMap<u16, MtlsMode>,
@@ -341,21 +371,47 @@ pub struct Mesh {
 
 impl Mesh {
     /// The effective PeerAuthentication mode of a workload in `namespace` listening on `port` (its
-    /// endpoint port), with Istio's precedence: the namespace's port-level mode, then the namespace's
-    /// mode, then the mesh-wide policy in the root namespace; `UNSET` defers to the next; nothing set
-    /// means PERMISSIVE.
+    /// endpoint port), for a workload without labels. See [`Mesh::effective_mtls_for`].
     pub fn effective_mtls(&self, namespace: &str, port: u16) -> MtlsMode {
+        self.effective_mtls_for(namespace, &BTreeMap::new(), port)
+    }
+
+    /// Istio's precedence (`pilot/pkg/security/authn/policy_applier.go`, `ComposePeerAuthentication`):
+    /// the oldest workload-selector policy in the workload's namespace whose `matchLabels` match its
+    /// labels, with its port-level mode for the workload port first; then the namespace-wide policy
+    /// (a mesh-file namespace policy may also carry port-level modes); then the mesh-wide policy in
+    /// the root namespace. `UNSET` defers to the next; nothing set means PERMISSIVE.
+    pub fn effective_mtls_for(
+        &self,
+        namespace: &str,
+        labels: &BTreeMap<String, String>,
+        port: u16,
+    ) -> MtlsMode {
         let set = |m: MtlsMode| (m != MtlsMode::Unset).then_some(m);
-        let of = |ns: &str| self.peer_authentications.iter().find(|p| p.namespace == ns);
-        let local = of(namespace).and_then(|p| {
+        let with_port = |p: &PeerAuthentication| {
             p.port_modes
                 .get(&port)
                 .copied()
                 .and_then(set)
                 .or_else(|| set(p.mode))
-        });
-        local
-            .or_else(|| of(&self.root_namespace).and_then(|p| set(p.mode)))
+        };
+        let workload = self
+            .peer_authentications
+            .iter()
+            .find(|p| {
+                p.namespace == namespace
+                    && !p.selector.is_empty()
+                    && p.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+            })
+            .and_then(with_port);
+        let wide = |ns: &str| {
+            self.peer_authentications
+                .iter()
+                .find(|p| p.namespace == ns && p.selector.is_empty())
+        };
+        workload
+            .or_else(|| wide(namespace).and_then(with_port))
+            .or_else(|| wide(&self.root_namespace).and_then(|p| set(p.mode)))
             .unwrap_or(MtlsMode::Permissive)
     }
 
@@ -363,6 +419,12 @@ impl Mesh {
     /// effective DISABLE does; STRICT and PERMISSIVE leave it to the endpoint's tlsMode.
     pub fn client_sends_plaintext(&self, namespace: &str, port: u16) -> bool {
         self.effective_mtls(namespace, port) == MtlsMode::Disable
+    }
+
+    /// The same for one endpoint of `svc`: its own namespace and labels decide.
+    pub fn endpoint_gets_plaintext(&self, svc: &Service, e: &Endpoint, port: u16) -> bool {
+        let ns = e.namespace.as_deref().unwrap_or(&svc.namespace);
+        self.effective_mtls_for(ns, &e.labels, port) == MtlsMode::Disable
     }
 
     /// Policies that apply to a Windows service: those of its namespace, and, as in Istio, those of
@@ -463,9 +525,12 @@ mod tests {
             address: "10.0.0.1".parse().unwrap(),
             ports: Default::default(),
             service_account: Some(sa.into()),
+            namespace: None,
+            labels: Default::default(),
             tls_mode: TlsMode::Istio,
             node: None,
             ready: true,
+            listed_ports_only: false,
         };
         let s = Service {
             name: "r".into(),

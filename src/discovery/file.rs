@@ -111,6 +111,9 @@ struct EndpointDoc {
     node: Option<String>,
     #[serde(default = "yes")]
     ready: bool,
+    /// The workload's labels (matched by workload-selector PeerAuthentications).
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -167,10 +170,20 @@ struct PortMode {
 #[serde(deny_unknown_fields)]
 struct PeerAuthDoc {
     namespace: String,
+    /// Istio's `selector`: a workload-selector policy for the endpoints whose labels match.
+    #[serde(default)]
+    selector: Option<SelectorDoc>,
     #[serde(default = "unset")]
     mode: MtlsMode,
     #[serde(default, alias = "portLevelMtls")]
     port_level_mtls: BTreeMap<u16, PortMode>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectorDoc {
+    #[serde(default, alias = "matchLabels")]
+    match_labels: BTreeMap<String, String>,
 }
 
 fn unset() -> MtlsMode {
@@ -421,12 +434,19 @@ fn check_port(what: &str, p: u16) -> Result<(), String> {
     }
 }
 
-fn service(d: ServiceDoc, s: &FileSettings) -> Result<Service, String> {
+fn service(d: ServiceDoc, s: &FileSettings, notes: &mut Vec<String>) -> Result<Service, String> {
     check_name("name", &d.name)?;
     check_name("namespace", &d.namespace)?;
     if d.ports.is_empty() {
         return Err("ports: at least one port is required".into());
     }
+    let udp_names: BTreeSet<String> = d
+        .ports
+        .iter()
+        .filter(|p| Protocol::detect(&p.name, p.app_protocol.as_deref()) == Protocol::Udp)
+        .map(|p| p.name.clone())
+        .collect();
+    let left_out = |n: &str| udp_names.contains(n);
     let mut ports = Vec::new();
     let mut seen = BTreeSet::new();
     for p in d.ports {
@@ -439,10 +459,13 @@ fn service(d: ServiceDoc, s: &FileSettings) -> Result<Service, String> {
         }
         let protocol = Protocol::detect(&p.name, p.app_protocol.as_deref());
         if protocol == Protocol::Udp {
-            return Err(format!(
-                "ports[{}]: UDP cannot be carried over Istio mTLS",
+            // One rule for both sources (as istiod, which builds nothing for UDP ports): the port
+            // is left out and reported, the service's other ports are served.
+            notes.push(format!(
+                "ports[{}]: UDP cannot be carried over Istio mTLS; port left out",
                 p.name
             ));
+            continue;
         }
         if let Some(lp) = p.local_port {
             check_port("local_port", lp)?;
@@ -461,10 +484,13 @@ fn service(d: ServiceDoc, s: &FileSettings) -> Result<Service, String> {
             local_port: p.local_port,
         });
     }
+    if ports.is_empty() {
+        return Err("ports: no port left that the gateway can carry".into());
+    }
     let mut endpoints = Vec::new();
     for (i, e) in d.endpoints.into_iter().enumerate() {
         for name in e.ports.keys() {
-            if !ports.iter().any(|p| &p.name == name) {
+            if !ports.iter().any(|p| &p.name == name) && !left_out(name) {
                 return Err(format!(
                     "endpoints[{i}].ports: no service port named {name:?}"
                 ));
@@ -477,11 +503,14 @@ fn service(d: ServiceDoc, s: &FileSettings) -> Result<Service, String> {
         }
         endpoints.push(Endpoint {
             address: e.address,
-            ports: e.ports,
+            ports: e.ports.into_iter().filter(|(n, _)| !left_out(n)).collect(),
             tls_mode: e.tls_mode.unwrap_or(TlsMode::Istio),
             service_account: e.service_account,
+            namespace: None,
+            labels: e.labels,
             node: e.node,
             ready: e.ready,
+            listed_ports_only: false,
         });
     }
     for sa in &d.service_accounts {
@@ -775,8 +804,12 @@ pub fn parse_sections(
 
     let mut local_ports: BTreeMap<u16, String> = BTreeMap::new();
     for (i, v) in services.iter().enumerate() {
-        match decode::<ServiceDoc>(v).and_then(|d| service(d, s)) {
+        let mut notes = Vec::new();
+        match decode::<ServiceDoc>(v).and_then(|d| service(d, s, &mut notes)) {
             Ok(svc) => {
+                for n in notes {
+                    reject("service", v, i, n);
+                }
                 if mesh.services.iter().any(|x| x.host == svc.host) {
                     reject("service", v, i, format!("duplicate service {}", svc.host));
                     continue;
@@ -905,10 +938,12 @@ pub fn parse_sections(
                     );
                     continue;
                 }
-                if mesh
-                    .peer_authentications
-                    .iter()
-                    .any(|p| p.namespace == d.namespace)
+                let selector = d.selector.map(|x| x.match_labels).unwrap_or_default();
+                if selector.is_empty()
+                    && mesh
+                        .peer_authentications
+                        .iter()
+                        .any(|p| p.namespace == d.namespace && p.selector.is_empty())
                 {
                     reject(
                         "peer_authentication",
@@ -923,6 +958,7 @@ pub fn parse_sections(
                 }
                 mesh.peer_authentications.push(PeerAuthentication {
                     namespace: d.namespace,
+                    selector,
                     mode: d.mode,
                     port_modes: d
                         .port_level_mtls

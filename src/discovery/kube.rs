@@ -71,7 +71,9 @@ fn object_name(meta: &kube::core::ObjectMeta) -> String {
 /// What an endpoint needs from its pod.
 #[derive(Clone, Debug)]
 struct PodInfo {
+    namespace: String,
     service_account: String,
+    labels: BTreeMap<String, String>,
     tls_mode: TlsMode,
     node: Option<String>,
 }
@@ -79,6 +81,8 @@ struct PodInfo {
 fn pod_info(p: &Pod) -> PodInfo {
     let spec = p.spec.as_ref();
     PodInfo {
+        namespace: p.metadata.namespace.clone().unwrap_or_default(),
+        labels: p.metadata.labels.clone().unwrap_or_default(),
         // Kubernetes runs a pod without an explicit account as `default`.
         service_account: spec
             .and_then(|s| s.service_account_name.clone())
@@ -146,7 +150,12 @@ fn port_u16(p: i32, what: &str) -> Result<u16, String> {
 }
 
 /// A Kubernetes Service without its endpoints. `Ok(None)`: nothing to mirror (no TCP ports).
-fn service(svc: &KService, domain_suffix: &str) -> Result<Option<Service>, String> {
+/// `notes`: ports left out, and why.
+fn service(
+    svc: &KService,
+    domain_suffix: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<Service>, String> {
     let (namespace, name) = key(&svc.metadata).ok_or("no namespace or name")?;
     let spec = svc.spec.as_ref().ok_or("no spec")?;
     if spec.type_.as_deref() == Some("ExternalName") {
@@ -165,8 +174,16 @@ fn service(svc: &KService, domain_suffix: &str) -> Result<Option<Service>, Strin
             // Named target ports are resolved per endpoint from the EndpointSlices.
             Some(IntOrString::String(_)) | None => port,
         };
+        let protocol = Protocol::detect(&port_name, p.app_protocol.as_deref());
+        if protocol == Protocol::Udp {
+            // The mesh file's rule too: a TCP port Istio calls UDP (`udp-*`) is not carried.
+            notes.push(format!(
+                "ports[{port_name}]: UDP cannot be carried over Istio mTLS; port left out"
+            ));
+            continue;
+        }
         ports.push(ServicePort {
-            protocol: Protocol::detect(&port_name, p.app_protocol.as_deref()),
+            protocol,
             name: port_name,
             port,
             target_port,
@@ -214,6 +231,7 @@ fn endpoints(
     slices: &[&EndpointSlice],
     pods: &PodIndex,
     publish_not_ready: bool,
+    rejected: &mut Vec<ObjectError>,
 ) -> Vec<Endpoint> {
     let known_ports: BTreeSet<&str> = svc.ports.iter().map(|p| p.name.as_str()).collect();
     let mut out: BTreeMap<IpAddr, Endpoint> = BTreeMap::new();
@@ -233,31 +251,54 @@ fn endpoints(
             })
             .collect();
         for ep in &slice.endpoints {
-            let Some(address) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+            let Some(first) = ep.addresses.first() else {
+                continue;
+            };
+            let Ok(address) = first.parse::<IpAddr>() else {
+                rejected.push(ObjectError {
+                    kind: "kubernetes_endpoint",
+                    name: object_name(&slice.metadata),
+                    message: format!("address {first:?} is not an IP address; endpoint skipped"),
+                });
                 continue;
             };
             // Kubernetes: a missing `ready` condition means ready.
             let ready =
                 publish_not_ready || ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            let pod = ep
+            // As istiod's EndpointSlice controller: a `targetRef` Pod decides (identity, labels,
+            // namespace); one that is not known yet leaves the endpoint out until it arrives (a
+            // slice routinely comes before its Pod), rather than serving it as plaintext with no
+            // SAN. Without a targetRef, the Pod is found by IP in the Service's namespace.
+            let pod_ref = ep
                 .target_ref
                 .as_ref()
-                .filter(|r| r.kind.as_deref() == Some("Pod"))
-                .and_then(|r| {
+                .filter(|r| r.kind.as_deref() == Some("Pod"));
+            let pod = match pod_ref {
+                Some(r) => {
                     let ns = r.namespace.clone().unwrap_or_else(|| svc.namespace.clone());
-                    pods.by_name.get(&(ns, r.name.clone()?))
-                })
-                .or_else(|| pods.by_ip.get(&(svc.namespace.clone(), address)));
+                    match r.name.clone().and_then(|n| pods.by_name.get(&(ns, n))) {
+                        Some(p) => Some(p),
+                        None => continue,
+                    }
+                }
+                None => pods.by_ip.get(&(svc.namespace.clone(), address)),
+            };
             let endpoint = Endpoint {
                 address,
                 ports: ports.clone(),
                 service_account: pod.map(|p| p.service_account.clone()),
+                namespace: pod
+                    .map(|p| p.namespace.clone())
+                    .filter(|ns| *ns != svc.namespace),
+                labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
                 tls_mode: pod.map(|p| p.tls_mode).unwrap_or(TlsMode::Disabled),
                 node: ep
                     .node_name
                     .clone()
                     .or_else(|| pod.and_then(|p| p.node.clone())),
                 ready,
+                // istiod builds endpoints per slice port: a port the slice lacks has none.
+                listed_ports_only: true,
             };
             match out.get_mut(&address) {
                 Some(existing) => {
@@ -286,28 +327,47 @@ fn mtls_mode(v: Option<&serde_json::Value>) -> Result<MtlsMode, String> {
     }
 }
 
-/// A namespace-wide PeerAuthentication. Workload-selector policies are reported, not mirrored: the
-/// model decides per namespace (and endpoint port).
+/// A PeerAuthentication: namespace-wide, or for the workloads its `selector.matchLabels` match, with
+/// port-level modes keyed by workload port (Istio reads `portLevelMtls` only on selector policies).
 fn peer_authentication(o: &DynamicObject) -> Result<PeerAuthentication, String> {
     let namespace = o.metadata.namespace.clone().ok_or("no namespace")?;
     let spec = o.data.get("spec");
-    let has_selector = spec
+    let mut selector = BTreeMap::new();
+    if let Some(m) = spec
         .and_then(|s| s.get("selector"))
         .and_then(|s| s.get("matchLabels"))
-        .and_then(|m| m.as_object())
-        .is_some_and(|m| !m.is_empty());
-    if has_selector {
-        return Err(
-            "spec.selector: workload-selector policies are not mirrored (only namespace-wide ones)"
-                .into(),
-        );
+    {
+        let m = m
+            .as_object()
+            .ok_or("spec.selector.matchLabels: not a map")?;
+        for (k, v) in m {
+            let v = v
+                .as_str()
+                .ok_or_else(|| format!("spec.selector.matchLabels.{k}: not a string"))?;
+            selector.insert(k.clone(), v.to_string());
+        }
     }
     let mode = mtls_mode(spec.and_then(|s| s.get("mtls")).and_then(|m| m.get("mode")))?;
-    // Istio ignores `portLevelMtls` on a policy without a selector; so does the mirror.
+    let mut port_modes = BTreeMap::new();
+    if !selector.is_empty()
+        && let Some(levels) = spec
+            .and_then(|s| s.get("portLevelMtls"))
+            .and_then(|p| p.as_object())
+    {
+        for (port, v) in levels {
+            let port: u16 = port
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("spec.portLevelMtls: {port:?} is not a port"))?;
+            port_modes.insert(port, mtls_mode(v.get("mode"))?);
+        }
+    }
     Ok(PeerAuthentication {
         namespace,
+        selector,
         mode,
-        port_modes: BTreeMap::new(),
+        port_modes,
     })
 }
 
@@ -327,7 +387,16 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
         }
     }
     for k in &objects.services {
-        match service(k, domain_suffix) {
+        let mut notes = Vec::new();
+        let built = service(k, domain_suffix, &mut notes);
+        for message in notes {
+            out.rejected.push(ObjectError {
+                kind: "kubernetes_service",
+                name: object_name(&k.metadata),
+                message,
+            });
+        }
+        match built {
             Ok(Some(mut svc)) => {
                 let mine = slices
                     .get(&(svc.namespace.clone(), svc.name.clone()))
@@ -338,7 +407,7 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
                     .as_ref()
                     .and_then(|s| s.publish_not_ready_addresses)
                     .unwrap_or(false);
-                svc.endpoints = endpoints(&svc, mine, &pods, publish_not_ready);
+                svc.endpoints = endpoints(&svc, mine, &pods, publish_not_ready, &mut out.rejected);
                 out.services.push(svc);
             }
             Ok(None) => {}
@@ -370,7 +439,8 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
                 if let Some(first) = out
                     .peer_authentications
                     .iter()
-                    .find(|p| p.namespace == pa.namespace)
+                    .find(|p| p.namespace == pa.namespace && p.selector.is_empty())
+                    .filter(|_| pa.selector.is_empty())
                 {
                     out.rejected.push(ObjectError {
                         kind: "kubernetes_peer_authentication",
@@ -391,6 +461,7 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
             }),
         }
     }
+    // Stable by namespace; within one, oldest first (the first matching workload policy wins).
     out.peer_authentications
         .sort_by(|a, b| a.namespace.cmp(&b.namespace));
     out
@@ -1199,9 +1270,21 @@ mod tests {
             s.extra_service_accounts,
             ["extra-sa", "other", "spiffe://x.td/ns/a/sa/b"]
         );
-        assert_eq!(m.rejected.len(), 1);
-        assert_eq!(m.rejected[0].name, "bookinfo/ext");
-        assert!(m.rejected[0].message.contains("ExternalName"));
+        assert_eq!(m.rejected.len(), 2, "{:?}", m.rejected);
+        let ext = m
+            .rejected
+            .iter()
+            .find(|r| r.name == "bookinfo/ext")
+            .expect("ext");
+        assert!(ext.message.contains("ExternalName"));
+        // A bad address is reported (logged and counted with the other skipped objects).
+        let bad = m
+            .rejected
+            .iter()
+            .find(|r| r.kind == "kubernetes_endpoint")
+            .expect("bad address reported");
+        assert_eq!(bad.name, "bookinfo/reviews-abc");
+        assert!(bad.message.contains("\"not-an-ip\""));
     }
 
     #[test]
@@ -1265,6 +1348,197 @@ mod tests {
         }
     }
 
+    /// istiod's EndpointSlice rules: the targetRef Pod's namespace gives the SAN, an unknown
+    /// targetRef Pod leaves the endpoint out (until the Pod arrives), and a port the slice does not
+    /// list has no endpoints.
+    #[test]
+    fn endpoints_follow_istiod_endpoint_slice_rules() {
+        let svc = obj::<KService>(serde_json::json!({
+            "metadata": {"name": "api", "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 80}, {"name": "grpc", "port": 90}]}
+        }));
+        let slice = |name: &str, ports: serde_json::Value, pod_ns: &str, pod: &str, ip: &str| {
+            obj::<EndpointSlice>(serde_json::json!({
+                "metadata": {"name": name, "namespace": "shop",
+                             "labels": {SERVICE_NAME_LABEL: "api"}},
+                "addressType": "IPv4",
+                "ports": ports,
+                "endpoints": [{"addresses": [ip],
+                               "targetRef": {"kind": "Pod", "name": pod, "namespace": pod_ns}}]
+            }))
+        };
+        let pod = |ns: &str, name: &str, ip: &str| {
+            obj::<Pod>(serde_json::json!({
+                "metadata": {"name": name, "namespace": ns,
+                             "labels": {TLS_MODE_LABEL: "istio", "app": "api"}},
+                "spec": {"serviceAccountName": "api-sa", "containers": []},
+                "status": {"podIP": ip}
+            }))
+        };
+        let o = KubeObjects {
+            services: vec![svc],
+            endpoint_slices: vec![
+                slice(
+                    "a",
+                    serde_json::json!([{"name": "http", "port": 8080}]),
+                    "other",
+                    "p1",
+                    "10.0.0.1",
+                ),
+                slice(
+                    "b",
+                    serde_json::json!([{"name": "http", "port": 8080}]),
+                    "shop",
+                    "not-yet",
+                    "10.0.0.2",
+                ),
+                slice("c", serde_json::json!([]), "shop", "p3", "10.0.0.3"),
+            ],
+            pods: vec![
+                pod("other", "p1", "10.0.0.1"),
+                pod("shop", "p3", "10.0.0.3"),
+            ],
+            peer_authentications: vec![],
+        };
+        let m = build(&o, "cluster.local");
+        let s = &m.services[0];
+        let addrs: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
+        assert_eq!(
+            addrs,
+            ["10.0.0.1", "10.0.0.3"],
+            "the Pod not known yet is left out"
+        );
+        assert_eq!(
+            s.expected_sans("cluster.local"),
+            [
+                "spiffe://cluster.local/ns/other/sa/api-sa",
+                "spiffe://cluster.local/ns/shop/sa/api-sa"
+            ],
+            "SecureNamingSAN(pod): the Pod's namespace, not the Service's"
+        );
+        let (http, grpc) = (&s.ports[0], &s.ports[1]);
+        assert_eq!(s.endpoints[0].port_for(http), Some(8080));
+        assert_eq!(
+            s.endpoints[0].port_for(grpc),
+            None,
+            "port missing from the slice"
+        );
+        assert_eq!(
+            s.endpoints[1].port_for(http),
+            None,
+            "`ports: []`: no port at all"
+        );
+        assert_eq!(
+            s.endpoints[0].labels.get("app").map(String::as_str),
+            Some("api")
+        );
+    }
+
+    #[test]
+    fn a_tcp_port_named_udp_is_left_out_like_the_mesh_file_does() {
+        let svc = obj::<KService>(serde_json::json!({
+            "metadata": {"name": "dns", "namespace": "kube"},
+            "spec": {"ports": [{"name": "udp-dns", "port": 53, "protocol": "TCP"},
+                               {"name": "http-metrics", "port": 9153}]}
+        }));
+        let o = KubeObjects {
+            services: vec![svc],
+            ..Default::default()
+        };
+        let m = build(&o, "cluster.local");
+        let ports: Vec<&str> = m.services[0]
+            .ports
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(ports, ["http-metrics"]);
+        assert_eq!(m.rejected.len(), 1);
+        assert!(
+            m.rejected[0].message.contains("UDP cannot be carried"),
+            "{:?}",
+            m.rejected
+        );
+        let settings = crate::discovery::file::FileSettings {
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            gateway: crate::model::GatewaySettings {
+                inbound_address: "0.0.0.0".parse().expect("ip"),
+                outbound_address: "127.0.0.1".parse().expect("ip"),
+                outbound_port: 15001,
+            },
+            reserved: vec![],
+        };
+        let (file, errs) = crate::discovery::file::parse(
+            "services:\n  - {name: dns, namespace: kube, ports: [{name: udp-dns, port: 53}, {name: http-metrics, port: 9153}]}\n",
+            &settings,
+        )
+        .expect("file");
+        let ports: Vec<&str> = file.services[0]
+            .ports
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(ports, ["http-metrics"], "one rule for both sources");
+        assert!(errs[0].message.contains("UDP cannot be carried"));
+    }
+
+    #[test]
+    fn workload_selector_peer_authentication_takes_precedence() {
+        let mut o = objects();
+        o.peer_authentications = vec![
+            pa(
+                "istio-system",
+                "default",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            pa(
+                "bookinfo",
+                "ns",
+                "2026-01-01T00:00:00Z",
+                serde_json::json!({"mtls": {"mode": "STRICT"}}),
+            ),
+            pa(
+                "bookinfo",
+                "legacy-v1",
+                "2026-01-02T00:00:00Z",
+                serde_json::json!({"selector": {"matchLabels": {TLS_MODE_LABEL: "istio"}},
+                                  "mtls": {"mode": "UNSET"},
+                                  "portLevelMtls": {"9080": {"mode": "DISABLE"}}}),
+            ),
+        ];
+        let k = build(&o, "cluster.local");
+        let mesh = merge(
+            &crate::discovery::file::parse(
+                "",
+                &crate::discovery::file::FileSettings {
+                    trust_domain: "cluster.local".into(),
+                    domain_suffix: "cluster.local".into(),
+                    root_namespace: "istio-system".into(),
+                    gateway: crate::model::GatewaySettings {
+                        inbound_address: "0.0.0.0".parse().expect("ip"),
+                        outbound_address: "127.0.0.1".parse().expect("ip"),
+                        outbound_port: 15001,
+                    },
+                    reserved: vec![],
+                },
+            )
+            .expect("empty")
+            .0,
+            &k,
+        );
+        let svc = &mesh.services[0];
+        let labelled = &svc.endpoints[0]; // reviews-v1, label tlsMode=istio
+        let unlabelled = &svc.endpoints[1]; // reviews-v2, no labels
+        // Workload port 9080 on the selected pod: the workload policy's port-level DISABLE wins.
+        assert!(mesh.endpoint_gets_plaintext(svc, labelled, 9080));
+        // Another port: the workload mode is UNSET → the namespace's STRICT.
+        assert!(!mesh.endpoint_gets_plaintext(svc, labelled, 7070));
+        // A pod the selector does not match: the namespace policy.
+        assert!(!mesh.endpoint_gets_plaintext(svc, unlabelled, 9080));
+    }
+
     #[test]
     fn peer_authentications_namespace_wide_oldest_first() {
         let mut o = objects();
@@ -1319,8 +1593,17 @@ mod tests {
             [
                 ("inherit", MtlsMode::Unset),
                 ("istio-system", MtlsMode::Strict),
+                ("legacy", MtlsMode::Permissive),
                 ("legacy", MtlsMode::Disable),
-            ]
+            ],
+            "the workload-selector policy is mirrored too (oldest first within a namespace)"
+        );
+        assert_eq!(
+            m.peer_authentications[2]
+                .selector
+                .get("app")
+                .map(String::as_str),
+            Some("x")
         );
         assert!(
             m.peer_authentications
@@ -1334,9 +1617,8 @@ mod tests {
             .filter(|e| e.kind == "kubernetes_peer_authentication")
             .map(|e| (e.name.as_str(), e.message.as_str()))
             .collect();
-        assert_eq!(rejected.len(), 3, "{rejected:?}");
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
         assert!(rejected["legacy/newer"].contains("older"));
-        assert!(rejected["legacy/one-workload"].contains("selector"));
         assert!(rejected["bad/typo"].contains("STRICTER"));
     }
 

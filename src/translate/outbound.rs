@@ -156,9 +156,9 @@ fn cluster_for(
         .endpoints
         .iter()
         .filter(|e| e.ready)
-        .map(|e| {
-            let port = e.ports.get(&p.name).copied().unwrap_or(p.target_port);
-            let disabled = mesh.client_sends_plaintext(&svc.namespace, port);
+        .filter_map(|e| e.port_for(p).map(|port| (e, port)))
+        .map(|(e, port)| {
+            let disabled = mesh.endpoint_gets_plaintext(svc, e, port);
             if disabled {
                 plaintext_ports.insert(port);
             }
