@@ -40,7 +40,7 @@ integration: envoy
 	  timeout 1800 $(CARGO) test --test '*' -- --test-threads 2
 
 ## The Envoy-facing suites again, against each older Envoy release.
-compat:
+compat: envoy
 	set -e; for v in $(ENVOY_COMPAT_VERSIONS); do \
 	  if [ ! -f .venv-$$v/.envoy-$$v ]; then \
 	    $(PYTHON) -m venv .venv-$$v; \
@@ -50,6 +50,10 @@ compat:
 	  echo "== Envoy $$v"; \
 	  ENVOY_BIN="$$(ls $(CURDIR)/.venv-$$v/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
 	    timeout 900 $(CARGO) test --test golden --test gateway --test envoy_xds --test envoy_sds -- --test-threads 2; \
+	  echo "== gateway Envoy $(ENVOY_VERSION), sidecar Envoy $$v"; \
+	  ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
+	  ENVOY_SIDECAR_BIN="$$(ls $(CURDIR)/.venv-$$v/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
+	    timeout 300 $(CARGO) test --test gateway both_directions -- --test-threads 2; \
 	done
 
 windows:

@@ -183,7 +183,16 @@ impl World {
                 peer_exchange_trap: Some(trap),
             }),
         };
-        let sidecar = Envoy::start(&bin, &serde_yaml::to_string(&sc.bootstrap()).unwrap()).await;
+        // `ENVOY_SIDECAR_BIN` runs the Istio sidecar on another Envoy release than the gateway
+        // (`make compat` pairs a 1.40 gateway with older sidecars: key-exchange fallback).
+        let sidecar_bin = std::env::var_os("ENVOY_SIDECAR_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| bin.clone());
+        let sidecar = Envoy::start(
+            &sidecar_bin,
+            &serde_yaml::to_string(&sc.bootstrap()).unwrap(),
+        )
+        .await;
 
         let gw_http = SocketAddr::from(([127, 0, 0, 1], w_http));
         let gw_grpc = SocketAddr::from(([127, 0, 0, 1], w_grpc));
@@ -455,6 +464,36 @@ async fn both_directions_carry_istio_identities() {
             .await,
         0
     );
+    // Key exchange: Istio sets no ECDH curves for mesh mTLS, so each side offers its Envoy's
+    // defaults (1.40: X25519MLKEM768, X25519, P-256). Whatever the pair of releases, the sidecar
+    // negotiated a group it knows; against a pre-1.40 sidecar that is X25519.
+    let curves = w
+        .sidecar
+        .admin_get("/stats?filter=ssl.curves")
+        .await
+        .unwrap_or_default();
+    let used: Vec<&str> = curves
+        .lines()
+        .filter(|l| !l.trim_end().ends_with(": 0"))
+        .collect();
+    assert!(!used.is_empty(), "no TLS handshakes counted: {curves}");
+    let sidecar_version = support::envoy_version(
+        &std::env::var_os("ENVOY_SIDECAR_BIN")
+            .map(PathBuf::from)
+            .or_else(support::envoy_bin)
+            .unwrap(),
+    );
+    let minor: u32 = sidecar_version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if minor < 40 {
+        assert!(
+            used.iter().all(|l| l.contains("ssl.curves.X25519:")),
+            "a {sidecar_version} sidecar falls back to X25519: {used:?}"
+        );
+    }
     w.stop().await;
 }
 
