@@ -96,6 +96,13 @@ impl DeltaStream {
         now: Instant,
     ) -> Result<(TypeUrl, RequestKind), StreamError> {
         remember_node(&mut self.node, req.node.as_ref())?;
+        super::stream::check_names(
+            req.resource_names_subscribe.len() + req.initial_resource_versions.len(),
+            req.resource_names_subscribe
+                .iter()
+                .chain(req.resource_names_unsubscribe.iter())
+                .chain(req.initial_resource_versions.keys()),
+        )?;
         let t = resolve_type(&req.type_url, self.only)?;
         let st = &mut self.types[t.index()];
         let first = !st.requested;
@@ -116,6 +123,10 @@ impl DeltaStream {
             &req.resource_names_subscribe,
             &req.resource_names_unsubscribe,
         );
+        // Subscriptions accumulate on a delta stream: bound the set, not only each request.
+        if st.sub.names.len() > super::stream::MAX_SUBSCRIBED {
+            return Err(StreamError::TooManyNames);
+        }
         for n in &req.resource_names_subscribe {
             // Re-send on (re)subscribe, unless the client just told us which version it has.
             if !(first && req.initial_resource_versions.contains_key(n)) {
@@ -148,7 +159,7 @@ impl DeltaStream {
             st.nacks += 1;
             st.last_nack = Some(NackRecord {
                 version: p.nonce.clone(),
-                message: err.message.clone(),
+                message: super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT),
                 code: err.code,
                 at: SystemTime::now(),
             });
@@ -156,7 +167,10 @@ impl DeltaStream {
                 t,
                 RequestKind::Nack {
                     latency,
-                    message: err.message.clone(),
+                    message: super::peertext::printable(
+                        &err.message,
+                        super::peertext::MAX_NACK_TEXT,
+                    ),
                 },
             ));
         }

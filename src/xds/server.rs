@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 
 /// Largest request accepted (tonic defaults to 4 MiB; delta `initial_resource_versions` of a large
 /// mesh exceed that).
-pub const MAX_DECODE_BYTES: usize = 64 * 1024 * 1024;
+pub const MAX_DECODE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Shared state of the xDS services.
 #[derive(Clone)]
@@ -277,7 +277,9 @@ impl XdsServer {
                 latency.as_secs_f64(),
             ),
             RequestKind::Nack { latency, message } => {
-                warn!(node, r#type = t.short(), error = %message, "proxy rejected config (NACK); keeping last good config");
+                // `message` was made printable (escaped, capped) when the NACK was recorded.
+                let shown = super::peertext::printable(message, super::peertext::MAX_LOGGED);
+                warn!(node, r#type = t.short(), error = %shown, "proxy rejected config (NACK); keeping last good config");
                 m.inc(
                     "winmesh_xds_nacks_total",
                     "xDS responses rejected by proxies.",
@@ -306,6 +308,8 @@ impl XdsServer {
     fn stream_error(&self, e: &StreamError, peer: Option<SocketAddr>) {
         let reason = match e {
             StreamError::MissingNode | StreamError::EmptyNodeId => "missing_node",
+            StreamError::BadNodeId => "bad_node",
+            StreamError::TooManyNames => "too_many_names",
             StreamError::MissingTypeUrl => "missing_type_url",
             StreamError::UnknownTypeUrl(_) => "unknown_type_url",
             StreamError::WrongTypeUrl { .. } => "wrong_type_url",

@@ -100,6 +100,7 @@ impl SotwStream {
         now: Instant,
     ) -> Result<(TypeUrl, RequestKind), StreamError> {
         remember_node(&mut self.node, req.node.as_ref())?;
+        super::stream::check_names(req.resource_names.len(), req.resource_names.iter())?;
         let t = resolve_type(&req.type_url, self.only)?;
         let st = &mut self.types[t.index()];
         let first = !st.requested;
@@ -127,7 +128,7 @@ impl SotwStream {
             st.nacks += 1;
             st.last_nack = Some(NackRecord {
                 version: sent.version.clone(),
-                message: err.message.clone(),
+                message: super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT),
                 code: err.code,
                 at: SystemTime::now(),
             });
@@ -136,7 +137,10 @@ impl SotwStream {
                 t,
                 RequestKind::Nack {
                     latency,
-                    message: err.message.clone(),
+                    message: super::peertext::printable(
+                        &err.message,
+                        super::peertext::MAX_NACK_TEXT,
+                    ),
                 },
             ));
         }
@@ -351,6 +355,9 @@ pub(crate) fn remember_node(
         if n.id.is_empty() {
             return Err(StreamError::EmptyNodeId);
         }
+        if !super::peertext::valid_name(&n.id) || !super::peertext::valid_name(&n.cluster) {
+            return Err(StreamError::BadNodeId);
+        }
         *node = Some(NodeInfo::from_node(n));
     }
     Ok(())
@@ -360,10 +367,11 @@ pub(crate) fn resolve_type(type_url: &str, only: Option<TypeUrl>) -> Result<Type
     if type_url.is_empty() {
         return only.ok_or(StreamError::MissingTypeUrl);
     }
-    let t = TypeUrl::parse(type_url).ok_or_else(|| StreamError::UnknownTypeUrl(type_url.into()))?;
+    let shown = || super::peertext::printable(type_url, 128);
+    let t = TypeUrl::parse(type_url).ok_or_else(|| StreamError::UnknownTypeUrl(shown()))?;
     match only {
         Some(o) if o != t => Err(StreamError::WrongTypeUrl {
-            got: type_url.into(),
+            got: shown(),
             expected: o,
         }),
         _ => Ok(t),

@@ -477,3 +477,54 @@ fn missing_secrets_are_awaited() {
     s.set_snapshot(fx.build());
     assert_eq!(resp_names(&one(&mut s, Secret)), vec!["default"]);
 }
+
+#[test]
+fn node_ids_that_could_forge_logs_or_flood_views_are_refused() {
+    for bad in ["a\nb", &"x".repeat(super::peertext::MAX_NODE_ID + 1)] {
+        let mut s = SotwStream::new_ads("winmesh");
+        let mut r = first_req(Cluster, &[]);
+        if let Some(n) = r.node.as_mut() {
+            n.id = bad.to_string();
+        }
+        assert_eq!(
+            s.handle_request(&r, Instant::now()),
+            Err(StreamError::BadNodeId)
+        );
+    }
+}
+
+#[test]
+fn subscription_sets_are_bounded() {
+    let mut s = SotwStream::new_ads("winmesh");
+    let long = "n".repeat(super::stream::MAX_NAME + 1);
+    assert_eq!(
+        s.handle_request(&first_req(Endpoint, &[&long]), Instant::now()),
+        Err(StreamError::TooManyNames)
+    );
+}
+
+#[test]
+fn nack_texts_are_kept_printable_and_capped() {
+    let fx = Fx::new(&["a"], "a");
+    let mut s = SotwStream::new_ads("winmesh");
+    s.set_snapshot(fx.build());
+    s.handle_request(&first_req(Cluster, &[]), Instant::now())
+        .unwrap();
+    let v = drain(&mut s);
+    let forged = format!(
+        "bad cluster\n2026-12-02T00:00:00Z ERROR winmesh: FORGED{}",
+        "y".repeat(10_000)
+    );
+    let (_, kind) = s
+        .handle_request(&nack(Cluster, &[], &v[0].1.nonce, &forged), Instant::now())
+        .unwrap();
+    let RequestKind::Nack { message, .. } = kind else {
+        panic!("{kind:?}")
+    };
+    assert!(!message.contains('\n'), "{message}");
+    assert!(message.contains("\\n2026"));
+    assert!(message.chars().count() < super::peertext::MAX_NACK_TEXT + 32);
+    let st = s.status();
+    let rec = st[0].last_nack.as_ref().expect("recorded");
+    assert_eq!(rec.message, message);
+}

@@ -28,7 +28,7 @@ impl NodeInfo {
                 .as_ref()
                 .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
                 .unwrap_or_default(),
-            Some(UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+            Some(UserAgentVersionType::UserAgentVersion(v)) => super::peertext::printable(v, 64),
             None => String::new(),
         };
         NodeInfo {
@@ -46,12 +46,32 @@ pub enum StreamError {
     MissingNode,
     #[error("the first request's node has an empty id")]
     EmptyNodeId,
+    #[error("the node id or cluster is longer than {max} bytes or has control characters", max = super::peertext::MAX_NODE_ID)]
+    BadNodeId,
+    #[error("subscription too large: more than {max} names, or a name longer than {len} bytes", max = MAX_SUBSCRIBED, len = MAX_NAME)]
+    TooManyNames,
     #[error("type_url is required on an aggregated stream")]
     MissingTypeUrl,
     #[error("unknown or unsupported type_url {0:?}")]
     UnknownTypeUrl(String),
     #[error("type_url {got:?} is not served on this stream (expected {expected})")]
     WrongTypeUrl { got: String, expected: TypeUrl },
+}
+
+/// Most resource names one stream may subscribe to per type (the largest mesh has far fewer).
+pub const MAX_SUBSCRIBED: usize = 100_000;
+/// Longest resource name accepted in a subscription.
+pub const MAX_NAME: usize = 1024;
+
+/// Refuses name lists beyond [`MAX_SUBSCRIBED`] names or with a name beyond [`MAX_NAME`] bytes.
+pub fn check_names<'a>(
+    count: usize,
+    mut names: impl Iterator<Item = &'a String>,
+) -> Result<(), StreamError> {
+    if count > MAX_SUBSCRIBED || names.any(|n| n.len() > MAX_NAME) {
+        return Err(StreamError::TooManyNames);
+    }
+    Ok(())
 }
 
 /// What a request meant, for metrics and logs.
