@@ -343,10 +343,68 @@ fn dev_ca_issue_writes_certificates_for_a_test_party() {
             .unwrap()
             .contains("PRIVATE KEY")
     );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("created a new dev root CA"),
+        "a new root is announced"
+    );
     let out = winmesh()
         .args(["dev-ca", "issue", "--identity", "not-a-spiffe-id", "--out"])
         .arg(&out_dir)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Without --config: said out loud, never silently.
+    let out = winmesh()
+        .current_dir(dir.path())
+        .args([
+            "dev-ca",
+            "issue",
+            "--identity",
+            "spiffe://cluster.local/ns/linux/sa/app",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no --config given") && err.contains(".state/dev-ca"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn bootstrap_output_with_a_token_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    write(&dir, "token", "s3cret\n");
+    let cfg = write(
+        &dir,
+        "c.yaml",
+        "xds:\n  listen: 127.0.0.1:15010\n  token_file: token\n",
+    );
+    let out_file = dir.path().join("bootstrap.yaml");
+    std::fs::write(&out_file, "old").unwrap();
+    std::fs::set_permissions(&out_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = winmesh()
+        .args(["bootstrap", "--config"])
+        .arg(&cfg)
+        .arg("--output")
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(&out_file)
+            .unwrap()
+            .contains("s3cret")
+    );
+    let mode = std::fs::metadata(&out_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
 }

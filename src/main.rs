@@ -212,7 +212,8 @@ fn main() -> ExitCode {
                 },
             );
             match output {
-                Some(path) => match std::fs::write(&path, text) {
+                // The bootstrap may carry the xDS bearer token: owner-only, replaced atomically.
+                Some(path) => match winmesh::identity::dev_ca::write_private(&path, &text) {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         eprintln!("winmesh: cannot write {}: {e}", path.display());
@@ -260,11 +261,29 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|| {
                     winmesh::config::CaConfig::of(winmesh::config::CaMode::Dev).state_dir
                 });
+            let existed = state_dir.join("root-cert.pem").is_file();
             let result =
                 winmesh::identity::dev_ca::DevCa::load_or_create(&state_dir, &id.trust_domain)
                     .and_then(|ca| ca.issue_to_dir(&id, ttl.into(), &out));
             match result {
                 Ok(()) => {
+                    // Never silently: a new root means nothing else trusts these certificates yet.
+                    if !existed {
+                        eprintln!(
+                            "winmesh: created a new dev root CA in {}{}",
+                            state_dir.display(),
+                            if config.is_none() {
+                                " (no --config given: pass the config of the winmesh whose dev CA should sign)"
+                            } else {
+                                ""
+                            }
+                        );
+                    } else if config.is_none() {
+                        eprintln!(
+                            "winmesh: signed with the dev root CA in {} (no --config given)",
+                            state_dir.display()
+                        );
+                    }
                     println!("issued {id} into {}", out.display());
                     ExitCode::SUCCESS
                 }

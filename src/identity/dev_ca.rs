@@ -81,18 +81,44 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevCaError + '_ {
     }
 }
 
-/// Writes a file readable by its owner only (Unix); on Windows the state directory's ACL applies.
+/// Writes private material: a new file readable by its owner only (mode 0600 on Unix, whatever the
+/// mode of a file it replaces), written in full next to `path` and then renamed over it, so readers
+/// never see half a key and an old 0644 file never lends its mode to a new key. On Windows the file
+/// inherits the directory's ACL: keep the state directory restricted to the service account.
 pub fn write_private(path: &Path, data: &str) -> Result<(), DevCaError> {
     use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:08x}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).map_err(io(path))?;
-    f.write_all(data.as_bytes()).map_err(io(path))
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(data.as_bytes())?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(path)(e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io(path)(e)
+    })
 }
 
 impl DevCa {
@@ -129,6 +155,32 @@ impl DevCa {
                 path: key_path.clone(),
                 reason: e.to_string(),
             })?;
+            // A key that is not the certificate's would sign leaves that fail verification.
+            let cert_key = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+                .ok()
+                .and_then(|(_, pem)| {
+                    pem.parse_x509()
+                        .ok()
+                        .map(|c| c.public_key().subject_public_key.data.to_vec())
+                });
+            match cert_key {
+                Some(k) if k == key.public_key_raw() => {}
+                Some(_) => {
+                    return Err(DevCaError::Corrupt {
+                        path: key_path.clone(),
+                        reason: format!(
+                            "this private key does not belong to {}",
+                            cert_path.display()
+                        ),
+                    });
+                }
+                None => {
+                    return Err(DevCaError::Corrupt {
+                        path: cert_path.clone(),
+                        reason: "not a PEM certificate".into(),
+                    });
+                }
+            }
             let issuer =
                 Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| DevCaError::Corrupt {
                     path: cert_path.clone(),
@@ -412,6 +464,54 @@ mod tests {
             )
             .unwrap();
         assert_eq!(chain.last().unwrap(), a.cert_pem());
+    }
+
+    /// Reissuing over an existing world-readable key.pem must not keep its mode.
+    #[cfg(unix)]
+    #[test]
+    fn private_files_are_owner_only_even_over_a_0644_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let ca = DevCa::new_root("cluster.local").unwrap();
+        ca.issue_to_dir(&id(), Duration::from_secs(60), dir.path())
+            .unwrap();
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(
+            std::fs::read_to_string(&key)
+                .unwrap()
+                .contains("PRIVATE KEY")
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left behind");
+    }
+
+    #[test]
+    fn a_root_key_that_does_not_match_the_root_cert_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        DevCa::load_or_create(dir.path(), "cluster.local").unwrap();
+        let other = tempfile::tempdir().unwrap();
+        DevCa::load_or_create(other.path(), "cluster.local").unwrap();
+        std::fs::copy(
+            other.path().join("root-key.pem"),
+            dir.path().join("root-key.pem"),
+        )
+        .unwrap();
+        let e = DevCa::load_or_create(dir.path(), "cluster.local")
+            .err()
+            .expect("mismatch refused");
+        assert!(e.to_string().contains("does not belong to"), "{e}");
+        assert!(
+            !e.to_string().contains("PRIVATE KEY"),
+            "no key material in errors"
+        );
     }
 
     #[test]
