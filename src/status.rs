@@ -4,9 +4,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Minimal HTTP/1.1 GET against the (loopback) debug server. Returns status code and body.
+/// Largest response body `status` reads (a registry view of a very large mesh fits).
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
+
+/// HTTP/1.1 GET against the (loopback) debug server or Envoy's admin. Returns status code and body.
 pub async fn http_get(
     addr: SocketAddr,
     path: &str,
@@ -15,63 +17,52 @@ pub async fn http_get(
     http_get_host(addr, path, &addr.to_string(), token).await
 }
 
-/// Like [`http_get`] with an explicit `Host` header.
+/// Like [`http_get`] with an explicit Host header. hyper parses the response (chunked or not), the
+/// body is read up to [`MAX_BODY`] and decoded lossily, so a peer can neither make this panic (a
+/// UTF-8 character split across chunks) nor make it read without bound.
 pub async fn http_get_host(
     addr: SocketAddr,
     path: &str,
     host: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
+    use http_body_util::{BodyExt, Empty, Limited};
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await?;
-        let auth = token
-            .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await?;
-        anyhow::Ok(buf)
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(10), fut)
-        .await
-        .map_err(|_| anyhow::anyhow!("timed out talking to {addr}"))??;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response from {addr}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("malformed HTTP status line from {addr}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((code, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| anyhow::anyhow!("HTTP to {addr}: {e}"))?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut req = hyper::Request::get(path).header(hyper::header::HOST, host);
+        if let Some(t) = token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+        let req = req
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| anyhow::anyhow!("request to {addr}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| anyhow::anyhow!("HTTP to {addr}: {e}"))?;
+        let code = resp.status().as_u16();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("reading the answer from {addr}: {e}"))?
+            .to_bytes();
+        driver.abort();
+        anyhow::Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out talking to {addr}"))?
 }
 
-/// Renders `/debug/syncz` JSON as a table: one row per stream, one column per xDS type.
 pub fn render_table(syncz: &Value) -> String {
     let cols = ["CDS", "EDS", "SDS", "LDS", "RDS"];
     let mut rows = vec![vec![
@@ -150,8 +141,37 @@ mod tests {
         assert!(lines[1].contains("NOT SENT") && lines[1].contains("IGNORED"));
     }
 
-    #[test]
-    fn dechunks() {
-        assert_eq!(dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    /// A chunked answer that splits a UTF-8 character between chunks used to panic the readiness
+    /// probe ("end byte index is not a char boundary").
+    #[tokio::test]
+    async fn a_character_split_across_chunks_does_not_panic() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            // "é" is C3 A9: one byte in each chunk.
+            let mut resp =
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nx\xc3\r\n".to_vec();
+            resp.extend_from_slice(b"2\r\n\xa9y\r\n0\r\n\r\n");
+            s.write_all(&resp).await.unwrap();
+        });
+        let (code, body) = http_get(addr, "/readyz", None).await.unwrap();
+        assert_eq!((code, body.as_str()), (200, "xéy"));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connection_refused_names_the_address() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        drop(l);
+        let e = http_get(addr, "/readyz", None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&addr.to_string()), "{e}");
     }
 }

@@ -504,9 +504,9 @@ mod tests {
             dir.path().join("root-key.pem"),
         )
         .unwrap();
-        let e = DevCa::load_or_create(dir.path(), "cluster.local")
-            .err()
-            .expect("mismatch refused");
+        let Err(e) = DevCa::load_or_create(dir.path(), "cluster.local") else {
+            panic!("mismatch accepted")
+        };
         assert!(e.to_string().contains("does not belong to"), "{e}");
         assert!(
             !e.to_string().contains("PRIVATE KEY"),
