@@ -62,8 +62,7 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(Running, SnapshotWriter)> {
         .map_err(anyhow::Error::msg)
         .context("debug.token_file")?;
 
-    let xds_listener = tokio::net::TcpListener::bind(cfg.xds.listen)
-        .await
+    let xds_listener = crate::xds::server::bind(cfg.xds.listen)
         .with_context(|| format!("cannot listen on xds.listen {}", cfg.xds.listen))?;
     let debug_listener = tokio::net::TcpListener::bind(cfg.debug.listen)
         .await

@@ -1,7 +1,6 @@
 //! The single owner of the [`SnapshotWriter`]: combines the latest mesh resources and certificates
-//! into one snapshot and publishes it. Bursts of changes are debounced.
+//! into one snapshot and publishes it. Changes that arrive during a build coalesce into the next.
 
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -92,14 +91,17 @@ pub async fn run(
             },
             _ = shutdown.changed() => return,
         }
-        // Debounce: let a burst of changes settle into one push.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // No fixed delay: the watch channels keep only the newest value, so changes that arrive
+        // while a snapshot is being built coalesce into the next one, and a quiet system pushes a
+        // single change at once. (Sources debounce themselves where that is their contract: the
+        // Kubernetes mirror like istiod, the mesh file by its settle period.)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// Without a CA the secrets sender is gone before the mesh arrives: the mesh is still published.
     #[tokio::test]

@@ -488,14 +488,67 @@ pub async fn serve(
     server: XdsServer,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    // tonic's own `tcp_nodelay`/`tcp_keepalive` settings do not apply to an incoming stream we
+    // hand it, so each accepted connection is configured here.
+    let incoming = futures::stream::unfold(listener, |l| async move {
+        let r = l.accept().await.map(|(s, _)| configure_accepted(s));
+        Some((r, l))
+    });
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
         .add_service(server.ads_service())
         .add_service(server.sds_service())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// Backlog of the xDS listener: a thousand proxies reconnecting at once must not be reset.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// TCP_NODELAY (a push is one burst of small HTTP/2 frames; Nagle delayed the first config by tens
+/// of milliseconds) and TCP keepalive (a proxy that vanished without a FIN is noticed) on an
+/// accepted xDS connection.
+pub fn configure_accepted(s: tokio::net::TcpStream) -> tokio::net::TcpStream {
+    if let Err(e) = s.set_nodelay(true) {
+        debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(30))
+        .with_interval(std::time::Duration::from_secs(10));
+    if let Err(e) = socket2::SockRef::from(&s).set_tcp_keepalive(&ka) {
+        debug!(error = %e, "cannot set TCP keepalive");
+    }
+    s
+}
+
+/// Binds the xDS listener with [`LISTEN_BACKLOG`].
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // On Windows SO_REUSEADDR would let another process bind the same port: Unix only.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_get_nodelay_and_keepalive() {
+        let l = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        let client = tokio::spawn(tokio::net::TcpStream::connect(addr));
+        let (s, _) = l.accept().await.unwrap();
+        let s = configure_accepted(s);
+        assert!(s.nodelay().unwrap());
+        assert!(socket2::SockRef::from(&s).keepalive().unwrap());
+        drop(client.await);
+    }
 }
