@@ -284,6 +284,28 @@ fn manifests_carry_a_valid_config_and_mesh_file() {
             .unwrap();
     assert!(rejected.is_empty(), "{rejected:?}");
     assert_eq!(mesh.windows_services.len(), 1);
+    // The plaintext Windows-facing proxy must not be an open door into the mesh: a NetworkPolicy
+    // selects the gateway pod, and every rule that admits the outbound port names who may use it.
+    let np = std::fs::read_to_string(root.join("manifests/networkpolicy.yaml")).unwrap();
+    let gw_cfg = winmesh::config::Config::load(&dir.path().join("winmesh.yaml")).unwrap();
+    let out_port = gw_cfg.gateway.outbound_port;
+    let guarded = serde_yaml::Deserializer::from_str(&np).any(|doc| {
+        let v = serde_json::Value::deserialize(doc).unwrap();
+        v["kind"] == "NetworkPolicy"
+            && v["spec"]["podSelector"]["matchLabels"]["app"] == "winmesh-gateway"
+            && v["spec"]["ingress"].as_array().is_some_and(|rules| {
+                rules.iter().all(|r| {
+                    let admits = r["ports"].as_array().is_none_or(|ps| {
+                        ps.iter().any(|p| p["port"] == serde_json::json!(out_port))
+                    });
+                    !admits || r["from"].as_array().is_some_and(|f| !f.is_empty())
+                })
+            })
+    });
+    assert!(
+        guarded,
+        "no NetworkPolicy restricts who reaches the gateway's outbound port {out_port}"
+    );
     for f in [
         "namespace.yaml",
         "gateway.yaml",

@@ -1,7 +1,6 @@
 //! The single owner of the [`SnapshotWriter`]: combines the latest mesh resources and certificates
 //! into one snapshot and publishes it. Changes that arrive during a build coalesce into the next.
 
-
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
