@@ -430,3 +430,38 @@ fn bootstrap_output_with_a_token_is_owner_only() {
     let mode = std::fs::metadata(&out_file).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
 }
+
+/// `RUST_LOG` is honoured (as `WINMESH_LOG` is) and logs written to a pipe carry no colour codes.
+#[test]
+fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, d) = (free_port(), free_port());
+    let cfg = write(
+        &dir,
+        "c.yaml",
+        &format!("xds:\n  listen: 127.0.0.1:{x}\ndebug:\n  listen: 127.0.0.1:{d}\n"),
+    );
+    let mut child = winmesh()
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env_remove("WINMESH_LOG")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens, then stop it and read what it logged.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", d)).is_err() {
+        assert!(Instant::now() < deadline, "winmesh never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DEBUG"), "RUST_LOG=debug ignored: {log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a piped log: {log:?}"
+    );
+}

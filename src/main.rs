@@ -155,23 +155,27 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     })
 }
 
-fn init_logging() {
+/// Logs to stderr. The filter comes from `WINMESH_LOG`, else the usual `RUST_LOG`, else `default`;
+/// colour only when stderr is a terminal (not in `kubectl logs` or a Windows container's log file).
+fn init_logging_with(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
 
+fn init_logging() {
+    init_logging_with("info");
+}
+
 /// Warnings only, so the demo's own output stays readable.
 fn init_logging_quiet() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging_with("warn");
 }
 
 fn main() -> ExitCode {
