@@ -112,7 +112,7 @@ async fn translate_loop(
             // Say once (per change) what an AuthorizationPolicy could not enforce as written.
             let authz: Vec<String> = warnings
                 .iter()
-                .filter(|w| w.starts_with("AuthorizationPolicy "))
+                .filter(|w| w.starts_with(crate::translate::rbac::NOTE_PREFIX))
                 .cloned()
                 .collect();
             for w in authz.iter().filter(|w| !logged.contains(w)) {

@@ -347,6 +347,23 @@ pub struct Reserved {
 }
 
 impl FileSettings {
+    /// The settings unit tests share: trust domain and suffix `cluster.local`, mesh-facing side on
+    /// `0.0.0.0`, Windows-facing on `127.0.0.1:15001`, nothing reserved.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> FileSettings {
+        FileSettings {
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            gateway: GatewaySettings {
+                inbound_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
+                outbound_address: std::net::Ipv4Addr::LOCALHOST.into(),
+                outbound_port: 15001,
+            },
+            reserved: vec![],
+        }
+    }
+
     /// The settings `winmesh serve` uses for a config (also what `winmesh validate` checks against).
     pub fn from_config(cfg: &crate::config::Config) -> FileSettings {
         FileSettings {

@@ -817,10 +817,10 @@ impl KubeSource {
                   services = o.services.len(), "persisted Kubernetes state found");
         }
         let mut persisted_since: Option<SystemTime> = None;
+        // Until this deadline passes (or the API fails), persisted objects wait for the API to list.
         let mut grace = persisted
             .is_some()
             .then(|| Instant::now() + self.persisted_grace);
-        let mut grace_over = false;
 
         let mut listed: BTreeSet<&'static str> = BTreeSet::new();
         let mut errors: BTreeMap<&'static str, String> = BTreeMap::new();
@@ -879,7 +879,6 @@ impl KubeSource {
                                 listed.insert(kind.name());
                             }
                             if known {
-                                grace_over = true;
                                 grace = None;
                             }
                             touch(&mut pending, now);
@@ -888,7 +887,6 @@ impl KubeSource {
                 }
                 _ = sleep_until(grace), if grace.is_some() => {
                     grace = None;
-                    grace_over = true;
                     touch(&mut pending, Instant::now());
                 }
                 _ = sleep_until(save_at), if save_at.is_some() => {
@@ -900,7 +898,7 @@ impl KubeSource {
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     pending = None;
                     // Per kind: what the API listed, else (after the grace period) what was persisted.
-                    let fallback = persisted.as_ref().filter(|_| grace_over).map(|(_, o)| o);
+                    let fallback = persisted.as_ref().filter(|_| grace.is_none()).map(|(_, o)| o);
                     let mut from_persisted: Vec<&'static str> = Vec::new();
                     let mut pick = |kind: Kind, live: bool| -> Option<bool> {
                         if live {
@@ -1458,17 +1456,7 @@ mod tests {
             "{:?}",
             m.rejected
         );
-        let settings = crate::discovery::file::FileSettings {
-            trust_domain: "cluster.local".into(),
-            domain_suffix: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            gateway: crate::model::GatewaySettings {
-                inbound_address: "0.0.0.0".parse().expect("ip"),
-                outbound_address: "127.0.0.1".parse().expect("ip"),
-                outbound_port: 15001,
-            },
-            reserved: vec![],
-        };
+        let settings = crate::discovery::file::FileSettings::for_tests();
         let (file, errs) = crate::discovery::file::parse(
             "services:\n  - {name: dns, namespace: kube, ports: [{name: udp-dns, port: 53}, {name: http-metrics, port: 9153}]}\n",
             &settings,
@@ -1510,22 +1498,9 @@ mod tests {
         ];
         let k = build(&o, "cluster.local");
         let mesh = merge(
-            &crate::discovery::file::parse(
-                "",
-                &crate::discovery::file::FileSettings {
-                    trust_domain: "cluster.local".into(),
-                    domain_suffix: "cluster.local".into(),
-                    root_namespace: "istio-system".into(),
-                    gateway: crate::model::GatewaySettings {
-                        inbound_address: "0.0.0.0".parse().expect("ip"),
-                        outbound_address: "127.0.0.1".parse().expect("ip"),
-                        outbound_port: 15001,
-                    },
-                    reserved: vec![],
-                },
-            )
-            .expect("empty")
-            .0,
+            &crate::discovery::file::parse("", &crate::discovery::file::FileSettings::for_tests())
+                .expect("empty")
+                .0,
             &k,
         );
         let svc = &mesh.services[0];
@@ -1624,17 +1599,7 @@ mod tests {
 
     #[test]
     fn the_file_wins_where_both_speak() {
-        let settings = crate::discovery::file::FileSettings {
-            trust_domain: "cluster.local".into(),
-            domain_suffix: "cluster.local".into(),
-            root_namespace: "istio-system".into(),
-            gateway: crate::model::GatewaySettings {
-                inbound_address: "0.0.0.0".parse().expect("ip"),
-                outbound_address: "127.0.0.1".parse().expect("ip"),
-                outbound_port: 15001,
-            },
-            reserved: vec![],
-        };
+        let settings = crate::discovery::file::FileSettings::for_tests();
         let (file, errs) = crate::discovery::file::parse(
             "services:
   - name: reviews

@@ -404,18 +404,7 @@ async fn run(inner: Arc<Inner>, spec: IdentitySpec) {
                     }
                     // Count the last stretch served with an expired certificate, if any.
                     if let Some(from) = e.expired_counted_to.take() {
-                        let secs = inner
-                            .clock
-                            .now()
-                            .duration_since(from)
-                            .unwrap_or_default()
-                            .as_secs_f64();
-                        inner.metrics.inc(
-                            "winmesh_cert_expired_seconds_total",
-                            "Seconds an identity was served with an expired certificate (renewal failing).",
-                            &[("identity", &id)],
-                            secs,
-                        );
+                        count_expired(&inner.metrics, &id, from, inner.clock.now());
                     }
                     e.cert = Some(bundle);
                     e.state = State::Available;
@@ -529,13 +518,17 @@ fn account_expiry(inner: &Inner, spec: &IdentitySpec, now: SystemTime) {
         ));
     }
     let from = e.expired_counted_to.unwrap_or(na).max(na);
-    let secs = now.duration_since(from).unwrap_or_default().as_secs_f64();
     e.expired_counted_to = Some(now);
-    inner.metrics.inc(
+    count_expired(&inner.metrics, &id, from, now);
+}
+
+/// Adds `from..now` to `winmesh_cert_expired_seconds_total` for `id`.
+fn count_expired(metrics: &Metrics, id: &str, from: SystemTime, now: SystemTime) {
+    metrics.inc(
         "winmesh_cert_expired_seconds_total",
         "Seconds an identity was served with an expired certificate (renewal failing).",
-        &[("identity", &id)],
-        secs,
+        &[("identity", id)],
+        now.duration_since(from).unwrap_or_default().as_secs_f64(),
     );
 }
 

@@ -159,6 +159,9 @@ fn path(p: &str) -> Permission {
     }
 }
 
+/// Every note about a policy not enforced as written starts with this (logs and the metric find them).
+pub const NOTE_PREFIX: &str = "AuthorizationPolicy ";
+
 /// Why a stock Envoy at the gateway cannot enforce a condition.
 type Unenforceable = String;
 
@@ -590,7 +593,7 @@ pub fn rbac_configs(
         for p in ps {
             if p.action == Action::Custom {
                 notes.push(format!(
-                    "AuthorizationPolicy {}/{}: CUSTOM provider {:?} is not available at the gateway: its rules are enforced as DENY",
+                    "{NOTE_PREFIX}{}/{}: CUSTOM provider {:?} is not available at the gateway: its rules are enforced as DENY",
                     p.namespace,
                     p.name,
                     p.provider.as_deref().unwrap_or("")
@@ -601,7 +604,7 @@ pub fn rbac_configs(
                 let built = rule_policy(r, as_action, http, map_port, &mut rule_notes);
                 notes.extend(rule_notes.into_iter().map(|n| {
                     format!(
-                        "AuthorizationPolicy {}/{} rules[{i}] ({}): {n}",
+                        "{NOTE_PREFIX}{}/{} rules[{i}] ({}): {n}",
                         p.namespace,
                         p.name,
                         if http { "HTTP" } else { "TCP" }
@@ -628,7 +631,7 @@ pub fn rbac_configs(
     let allow = build(&[Action::Allow], Action::Allow);
     for p in policies.iter().filter(|p| p.action == Action::Audit) {
         notes.push(format!(
-            "AuthorizationPolicy {}/{}: AUDIT only logs in Istio; it changes nothing about access here",
+            "{NOTE_PREFIX}{}/{}: AUDIT only logs in Istio; it changes nothing about access here",
             p.namespace, p.name
         ));
     }

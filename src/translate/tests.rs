@@ -17,20 +17,10 @@ use prost::Message;
 
 use super::*;
 use crate::discovery::file::{FileSettings, parse};
-use crate::model::{GatewaySettings, MtlsMode};
+use crate::model::MtlsMode;
 
 fn settings() -> FileSettings {
-    FileSettings {
-        trust_domain: "cluster.local".into(),
-        domain_suffix: "cluster.local".into(),
-        root_namespace: "istio-system".into(),
-        gateway: GatewaySettings {
-            inbound_address: "0.0.0.0".parse().unwrap(),
-            outbound_address: "127.0.0.1".parse().unwrap(),
-            outbound_port: 15001,
-        },
-        reserved: vec![],
-    }
+    FileSettings::for_tests()
 }
 
 const MESH: &str = r#"
