@@ -327,51 +327,61 @@ fn disable(ns: &str) -> Value {
         "spec": {"mtls": {"mode": "DISABLE"}}})
 }
 
-/// Restarted while the API server is down, winmesh serves the persisted mirror instead of the mesh
-/// file alone: Envoy keeps every cluster and route, and the outage is visible. When the API returns,
-/// its objects replace the persisted ones.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
+/// `web.shop:8080` through the gateway's Windows-facing proxy.
+async fn web_via(gw_out: SocketAddr) -> Option<(u16, String)> {
+    let r = reqwest::Client::new()
+        .get(format!("http://{gw_out}/"))
+        .header("host", "web.shop:8080")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .ok()?;
+    let code = r.status().as_u16();
+    Some((code, r.text().await.unwrap_or_default()))
+}
+
+/// Where both persisted-state tests start: the fake API server with `web.shop` (its pod is labelled
+/// for a sidecar but the app has none, so it only answers because PeerAuthentication DISABLE makes
+/// the gateway send plaintext), winmesh on a fixed xDS port, the gateway Envoy, the route working and
+/// the mirror persisted.
+struct Persisted {
+    kube: FakeKube,
+    _app: Backend,
+    _dir: tempfile::TempDir,
+    cfg: Config,
+    server: winmesh::serve::Server,
+    gateway: Envoy,
+    gw_out: SocketAddr,
+}
+
+async fn persisted_world(bin: &std::path::Path) -> Persisted {
     support::init_tracing();
-    let Some(bin) = support::envoy_bin() else {
-        return;
-    };
     let app = Backend::start("web-a").await;
     let kube = FakeKube::start(&[]).await;
-    let kube_addr = kube.addr;
     kube.apply(SERVICES, service("shop", "web", 8080));
     kube.apply(PODS, labelled_pod("shop", "web-1"));
     kube.apply(
         ENDPOINT_SLICES,
         slice("shop", "web", "web-1", app.addr.port()),
     );
-    // The app has no sidecar: it only answers because DISABLE makes the gateway send plaintext.
     kube.apply(PEER_AUTHENTICATIONS, disable("shop"));
     let dir = tempfile::tempdir().unwrap();
     let (xds, out_port) = (free_port(), free_port());
-    let cfg = mirror_config(dir.path(), kube_addr, xds, out_port);
+    let cfg = mirror_config(dir.path(), kube.addr, xds, out_port);
     let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
-    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+    let gateway = Envoy::start(bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
     let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
-    let get = || async move {
-        let r = reqwest::Client::new()
-            .get(format!("http://{gw_out}/"))
-            .header("host", "web.shop:8080")
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        let code = r.status().as_u16();
-        Some((code, r.text().await.unwrap_or_default()))
-    };
     wait_for(
-        "mirrored service reachable",
+        "mirrored service reachable in plaintext",
         T,
         || gateway.diagnostics(),
-        || async { get().await.filter(|(c, b)| *c == 200 && b == "web-a") },
+        || async {
+            web_via(gw_out)
+                .await
+                .filter(|(c, b)| *c == 200 && b == "web-a")
+        },
     )
     .await;
-    let clusters_before = gateway.clusters().await;
     let state_file = dir.path().join(".state/kubernetes-mirror.json");
     wait_for(
         "state persisted",
@@ -380,6 +390,37 @@ async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
         || async { state_file.is_file().then_some(()) },
     )
     .await;
+    Persisted {
+        kube,
+        _app: app,
+        _dir: dir,
+        cfg,
+        server,
+        gateway,
+        gw_out,
+    }
+}
+
+/// Restarted while the API server is down, winmesh serves the persisted mirror instead of the mesh
+/// file alone: Envoy keeps every cluster and route, and the outage is visible. When the API returns,
+/// its objects replace the persisted ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    let Persisted {
+        kube,
+        _app,
+        _dir,
+        cfg,
+        server,
+        gateway,
+        gw_out,
+    } = persisted_world(&bin).await;
+    let kube_addr = kube.addr;
+    let get = || web_via(gw_out);
+    let clusters_before = gateway.clusters().await;
     // winmesh restarts while the API server is down.
     server.stop().await;
     drop(kube);
@@ -470,51 +511,19 @@ async fn restart_during_an_api_outage_serves_the_persisted_mirror() {
 /// objects: a DISABLE namespace keeps getting plaintext instead of mTLS it cannot answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forbidden_kind_keeps_its_last_known_objects() {
-    support::init_tracing();
     let Some(bin) = support::envoy_bin() else {
         return;
     };
-    let app = Backend::start("web-a").await;
-    let kube = FakeKube::start(&[]).await;
-    kube.apply(SERVICES, service("shop", "web", 8080));
-    kube.apply(PODS, labelled_pod("shop", "web-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        slice("shop", "web", "web-1", app.addr.port()),
-    );
-    kube.apply(PEER_AUTHENTICATIONS, disable("shop"));
-    let dir = tempfile::tempdir().unwrap();
-    let (xds, out_port) = (free_port(), free_port());
-    let cfg = mirror_config(dir.path(), kube.addr, xds, out_port);
-    let server = winmesh::serve::start(cfg.clone()).await.expect("serve");
-    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
-    let gw_out = SocketAddr::from(([127, 0, 0, 1], out_port));
-    let get = || async move {
-        let r = reqwest::Client::new()
-            .get(format!("http://{gw_out}/"))
-            .header("host", "web.shop:8080")
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        let code = r.status().as_u16();
-        Some((code, r.text().await.unwrap_or_default()))
-    };
-    wait_for(
-        "reachable in plaintext",
-        T,
-        || gateway.diagnostics(),
-        || async { get().await.filter(|(c, _)| *c == 200) },
-    )
-    .await;
-    let state_file = dir.path().join(".state/kubernetes-mirror.json");
-    wait_for(
-        "state persisted",
-        T,
-        || async { String::new() },
-        || async { state_file.is_file().then_some(()) },
-    )
-    .await;
+    let Persisted {
+        kube,
+        _app,
+        _dir,
+        cfg,
+        server,
+        gateway,
+        gw_out,
+    } = persisted_world(&bin).await;
+    let get = || web_via(gw_out);
     server.stop().await;
     kube.forbid(PEER_AUTHENTICATIONS, true);
     let server = winmesh::serve::start(cfg.clone())

@@ -191,16 +191,8 @@ impl MeshClient {
             .with_client_auth_cert(certs(&self.chain_pem), key(&self.key_pem))
             .map_err(|e| e.to_string())?;
         cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
         let fut = async {
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-            let tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
+            let tls = connect(cfg, addr, sni).await?;
             Ok::<_, String>(
                 tls.get_ref()
                     .1
@@ -237,16 +229,8 @@ impl MeshClient {
             .with_client_auth_cert(certs(&self.chain_pem), key(&self.key_pem))
             .map_err(|e| e.to_string())?;
         cfg.alpn_protocols = alpn.iter().map(|a| a.as_bytes().to_vec()).collect();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
         let fut = async {
-            let tcp = tokio::net::TcpStream::connect(addr)
-                .await
-                .map_err(|e| e.to_string())?;
-            let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
-            let mut tls = connector
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
+            let mut tls = connect(cfg, addr, sni).await?;
             let alpn = tls
                 .get_ref()
                 .1
@@ -284,6 +268,22 @@ impl MeshClient {
             .await
             .map_err(|_| "timed out".to_string())?
     }
+}
+
+/// TCP connect and TLS handshake to `addr` with SNI `sni`.
+async fn connect(
+    cfg: rustls::ClientConfig,
+    addr: SocketAddr,
+    sni: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(sni.to_string()).map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))
 }
 
 pub fn unix_now() -> u64 {
