@@ -33,6 +33,20 @@ async fn start_winmesh(xds: SocketAddr) -> (Running, SnapshotWriter, Config) {
     (running, writer, cfg)
 }
 
+/// Stops winmesh and waits until Envoy noticed; returns the xDS address to restart on.
+async fn stop_winmesh(running: Running, envoy: &Envoy) -> SocketAddr {
+    let xds_addr = running.xds_addr;
+    running.stop().await;
+    wait_for(
+        "envoy notices the control plane is gone",
+        T,
+        || envoy.diagnostics(),
+        || async { (envoy.stat("control_plane.connected_state").await == 0).then_some(()) },
+    )
+    .await;
+    xds_addr
+}
+
 async fn start_envoy(bin: &Path, cfg: &Config, mode: XdsMode) -> Envoy {
     let boot = bootstrap_yaml(
         cfg,
@@ -448,15 +462,7 @@ async fn winmesh_restart(mode: XdsMode) {
     let accept = Arc::new(Mutex::new(vec!["A".to_string()]));
     let traffic = Traffic::start(url.clone(), accept);
 
-    let xds_addr = running.xds_addr;
-    running.stop().await;
-    wait_for(
-        "envoy notices the control plane is gone",
-        T,
-        || envoy.diagnostics(),
-        || async { (envoy.stat("control_plane.connected_state").await == 0).then_some(()) },
-    )
-    .await;
+    let xds_addr = stop_winmesh(running, &envoy).await;
     // Same port, same content: Envoy reconnects and nothing changes on it.
     let (running, mut writer, _) = start_winmesh(xds_addr).await;
     writer.publish(snapshot());
@@ -540,15 +546,7 @@ async fn deleted_while_down(mode: XdsMode) {
     wait_synced(&running, &envoy, &["CDS", "EDS", "LDS", "RDS"]).await;
     assert!(envoy.clusters().await.contains(&"b".to_string()));
 
-    let xds_addr = running.xds_addr;
-    running.stop().await;
-    wait_for(
-        "envoy notices the control plane is gone",
-        T,
-        || envoy.diagnostics(),
-        || async { (envoy.stat("control_plane.connected_state").await == 0).then_some(()) },
-    )
-    .await;
+    let xds_addr = stop_winmesh(running, &envoy).await;
     // While winmesh was down, b was deleted.
     let (running, mut writer, _) = start_winmesh(xds_addr).await;
     writer.publish(mesh("a", &[("a", &[a.addr])]));

@@ -288,6 +288,33 @@ impl World {
         .await
     }
 
+    /// Waits until `c` gets a 200 from winapp over the mesh port.
+    async fn until_winapp_answers(&self, c: &MeshClient) {
+        wait_for(
+            "winapp answers over Istio mTLS",
+            T,
+            || self.diag(),
+            || async {
+                self.call_winapp(c, "/")
+                    .await
+                    .ok()
+                    .filter(|r| r.status == 200)
+            },
+        )
+        .await;
+    }
+
+    /// Waits until the Linux app's sidecar `url` (Linux → Windows) answers 200.
+    async fn until_sidecar_reaches_winapp(&self, url: &str) {
+        wait_for(
+            "Linux → Windows through the sidecar",
+            T,
+            || self.diag(),
+            || async { support::get_text(url).await.filter(|(c, _)| *c == 200) },
+        )
+        .await;
+    }
+
     async fn call_winapp_with(
         &self,
         c: &MeshClient,
@@ -674,18 +701,7 @@ async fn authorization_policies_deny_and_allow() {
     };
     let linux = w.client(&w.ca, LINUX_ID);
     let other = w.client(&w.ca, "spiffe://cluster.local/ns/linux/sa/other");
-    wait_for(
-        "baseline",
-        T,
-        || w.diag(),
-        || async {
-            w.call_winapp(&linux, "/")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        },
-    )
-    .await;
+    w.until_winapp_answers(&linux).await;
     let win = w.winapp_backend();
 
     // DENY the Linux app: 403.
@@ -777,18 +793,7 @@ async fn authorization_conditions_are_enforced_and_never_fail_open() {
     };
     let linux = w.client(&w.ca, LINUX_ID);
     let other = w.client(&w.ca, "spiffe://cluster.local/ns/linux/sa/other");
-    wait_for(
-        "baseline",
-        T,
-        || w.diag(),
-        || async {
-            w.call_winapp(&linux, "/")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        },
-    )
-    .await;
+    w.until_winapp_answers(&linux).await;
     let win = w.winapp_backend();
     let status = |c: &MeshClient, headers: &'static [(&'static str, &'static str)]| {
         let c = MeshClient {
@@ -918,13 +923,7 @@ async fn mesh_file_edits_apply_live_without_failing_requests() {
         return;
     };
     let url = format!("http://{}/", w.sc_to_win);
-    wait_for(
-        "baseline",
-        T,
-        || w.diag(),
-        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
-    )
-    .await;
+    w.until_sidecar_reaches_winapp(&url).await;
     let accept = Arc::new(Mutex::new(vec!["winapp".to_string()]));
     let traffic = Traffic::start_n(url.clone(), accept.clone(), 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1001,13 +1000,7 @@ async fn a_broken_mesh_file_keeps_serving_the_last_good_model() {
         return;
     };
     let url = format!("http://{}/", w.sc_to_win);
-    wait_for(
-        "baseline",
-        T,
-        || w.diag(),
-        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
-    )
-    .await;
+    w.until_sidecar_reaches_winapp(&url).await;
     std::fs::write(&w.mesh_file, "services: [this is: not: valid").unwrap();
     let reg = wait_for(
         "error visible in registryz",
@@ -1050,13 +1043,7 @@ async fn incomplete_mesh_file_writes_never_reach_envoy() {
         return;
     };
     let url = format!("http://{}/", w.sc_to_win);
-    wait_for(
-        "baseline",
-        T,
-        || w.diag(),
-        || async { support::get_text(&url).await.filter(|(c, _)| *c == 200) },
-    )
-    .await;
+    w.until_sidecar_reaches_winapp(&url).await;
     let good = std::fs::read_to_string(&w.mesh_file).unwrap();
     let accept = Arc::new(Mutex::new(vec!["winapp".to_string()]));
     let traffic = Traffic::start(url.clone(), accept);
