@@ -128,4 +128,31 @@ mod tests {
         assert!(cache.is_ready());
         task.abort();
     }
+
+    /// A change on a quiet system is published at once: no fixed delay on the push path (the old
+    /// assembler slept 50 ms after every change). Paused time makes any sleep visible.
+    #[tokio::test(start_paused = true)]
+    async fn a_single_change_is_published_without_delay() {
+        let (cache, writer) = crate::xds::cache::snapshot_cache();
+        let (mesh_tx, mesh_rx) = watch::channel::<MeshResources>(None);
+        let (_secrets_tx, secrets_rx) = watch::channel(SecretSet::default());
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let metrics = std::sync::Arc::new(Metrics::new());
+        let mut notify = cache.subscribe();
+        let task = tokio::spawn(run(writer, mesh_rx, secrets_rx, metrics, stop_rx));
+        mesh_tx.send_replace(Some(std::sync::Arc::new(Translated::default())));
+        notify.changed().await.expect("first snapshot");
+        let t0 = tokio::time::Instant::now();
+        let changed = Translated {
+            clusters: vec![envoy_types::pb::envoy::config::cluster::v3::Cluster {
+                name: "a".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        mesh_tx.send_replace(Some(std::sync::Arc::new(changed)));
+        notify.changed().await.expect("second snapshot");
+        assert_eq!(t0.elapsed(), Duration::ZERO, "the push waited on a timer");
+        task.abort();
+    }
 }

@@ -958,3 +958,29 @@ fn tcp_chains_offer_istio_server_alpn_and_mesh_mtls_is_configurable() {
         .is_err()
     );
 }
+
+/// The mesh file speaks workload-selector PeerAuthentication too: `selector.matchLabels` against
+/// endpoint `labels`, with port-level modes, ahead of the namespace's policy.
+#[test]
+fn mesh_file_workload_selector_peer_authentication() {
+    let text = "\
+services:
+  - name: db
+    namespace: data
+    ports: [{name: http, port: 80, target_port: 8080}]
+    endpoints:
+      - {address: 10.0.0.1, labels: {app: legacy}}
+      - {address: 10.0.0.2, labels: {app: new}}
+peer_authentications:
+  - {namespace: data, mode: STRICT}
+  - namespace: data
+    selector: {matchLabels: {app: legacy}}
+    port_level_mtls: {8080: {mode: DISABLE}}
+";
+    let (mesh, errs) = parse(text, &settings()).unwrap();
+    assert!(errs.is_empty(), "{errs:?}");
+    let svc = &mesh.services[0];
+    assert!(mesh.endpoint_gets_plaintext(svc, &svc.endpoints[0], 8080));
+    assert!(!mesh.endpoint_gets_plaintext(svc, &svc.endpoints[0], 9090));
+    assert!(!mesh.endpoint_gets_plaintext(svc, &svc.endpoints[1], 8080));
+}
