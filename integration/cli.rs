@@ -140,13 +140,9 @@ fn bootstrap_prints_yaml_envoy_can_read() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "support/ports.rs"]
+mod ports;
+use ports::free_port;
 
 #[test]
 fn serve_becomes_ready_and_status_talks_to_it() {

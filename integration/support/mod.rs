@@ -6,7 +6,10 @@
 pub mod fake_istiod;
 pub mod fake_kube;
 pub mod fixtures;
+pub mod ports;
 pub mod tls;
+
+pub use ports::free_port;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -428,13 +431,6 @@ impl Traffic {
 }
 
 /// A port that was free a moment ago (for configs that must name a port before anything binds it).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 pub async fn get_text(url: &str) -> Option<(u16, String)> {
     tls::install_provider();
     let r = reqwest::Client::new()
