@@ -1,6 +1,7 @@
 //! Test harness for real-Envoy tests: finds the stock Envoy binary, runs it with a generated bootstrap,
 //! polls its admin API with deadlines, and provides plain HTTP backends and steady request loops.
-//! Everything binds 127.0.0.1 with OS-assigned ports; every process is killed on drop.
+//! Everything binds 127.0.0.1 on OS-assigned ports or ports from `ports::free_port` (below the
+//! ephemeral range); every process is killed on drop.
 #![allow(dead_code)]
 
 pub mod fake_istiod;
@@ -9,6 +10,7 @@ pub mod fixtures;
 pub mod ports;
 pub mod tls;
 
+#[allow(unused_imports)] // not every test binary that includes this module picks ports
 pub use ports::free_port;
 
 use std::net::SocketAddr;
