@@ -66,8 +66,10 @@ demo: build envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
 	  ./target/release/winmesh demo
 
+## In-process costs (xds), then winmesh end to end with synthetic ADS clients (streams).
 bench:
 	$(CARGO) bench --bench xds
+	$(CARGO) bench --bench streams
 
 clean:
 	$(CARGO) clean

@@ -198,6 +198,27 @@ async fn initial_config_arrives_over_sotw_and_delta() {
         assert_eq!(code, 200);
         let by_proxy_id: Value = serde_json::from_str(&by_proxy_id).unwrap();
         assert_eq!(by_proxy_id["configs"], dump["configs"]);
+        // Like istiod: a proxy that is not connected is a 404, not the shared snapshot.
+        let (code, body) = winmesh::status::http_get(
+            running.debug_addr,
+            "/debug/config_dump?proxyID=nobody",
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 404, "{body}");
+        assert!(body.contains("proxy not connected: nobody"), "{body}");
+        // The index lists every endpoint, including the registered views.
+        let (code, index) = winmesh::status::http_get(running.debug_addr, "/debug/", None)
+            .await
+            .unwrap();
+        assert_eq!(code, 200);
+        for path in ["/debug/syncz", "/debug/config_dump", "/readyz", "/metrics"] {
+            assert!(
+                index.contains(path),
+                "{path} missing from the index: {index}"
+            );
+        }
         // Metrics count the connected proxy and the pushes.
         let (_, metrics) = winmesh::status::http_get(running.debug_addr, "/metrics", None)
             .await

@@ -122,6 +122,8 @@ pub fn router(state: DebugState) -> Router {
         .route("/metrics", get(metrics))
         .route("/debug/syncz", get(syncz))
         .route("/debug/config_dump", get(config_dump))
+        .route("/debug", get(index))
+        .route("/debug/", get(index))
         .route("/debug/{view}", get(view))
         .with_state(state)
 }
@@ -208,18 +210,83 @@ async fn config_dump(
     if let Err(r) = authorized(&s, &headers) {
         return *r;
     }
+    // Like istiod: a named proxy that is not connected is a 404, not the shared snapshot.
+    if let Some(n) = &q.node
+        && !s.clients.is_connected(n)
+    {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(json!({"error": format!("proxy not connected: {}", crate::xds::peertext::printable(n, 256))})),
+        )
+            .into_response();
+    }
     let snap = match &q.node {
         Some(n) => s.cache.snapshot_for(n),
         None => s.cache.global(),
     };
     match snap {
-        Some(snap) => axum::Json(crate::configdump::config_dump(&snap)).into_response(),
+        // Rendering a large dump is CPU work: off the async runtime, so xDS streams keep flowing.
+        Some(snap) => json_off_runtime(move || crate::configdump::config_dump(&snap)).await,
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"error": "no configuration has been published yet"})),
         )
             .into_response(),
     }
+}
+
+/// Builds and serializes a JSON body on a blocking thread.
+async fn json_off_runtime<F>(f: F) -> Response
+where
+    F: FnOnce() -> serde_json::Value + Send + 'static,
+{
+    match tokio::task::spawn_blocking(move || serde_json::to_vec(&f())).await {
+        Ok(Ok(body)) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "rendering failed\n").into_response(),
+    }
+}
+
+/// The debug endpoints, like istiod's `/debug` index.
+const ENDPOINTS: &[(&str, &str)] = &[
+    ("/healthz", "liveness"),
+    (
+        "/readyz",
+        "readiness, one line per part (mesh, config, identity)",
+    ),
+    ("/metrics", "Prometheus metrics"),
+    (
+        "/debug/syncz",
+        "connected proxies and, per type, sent/ACKed versions and NACKs",
+    ),
+    (
+        "/debug/config_dump",
+        "the served config in Envoy's config_dump format; ?node=<id> for one proxy",
+    ),
+];
+
+async fn index(State(s): State<DebugState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&s, &headers) {
+        return *r;
+    }
+    let mut body = String::from("winmesh debug endpoints:\n");
+    for (path, what) in ENDPOINTS {
+        body.push_str(&format!("  {path:<22} {what}\n"));
+    }
+    let views: Vec<&'static str> = match s.views.read() {
+        Ok(v) => v.keys().copied().collect(),
+        Err(p) => p.into_inner().keys().copied().collect(),
+    };
+    for v in views {
+        let what = match v {
+            "registryz" => {
+                "the mesh model served (services, Windows services, policies) and what was skipped"
+            }
+            "certs" => "certificates per identity: expiry, serial, chain (never keys)",
+            _ => "",
+        };
+        body.push_str(&format!("  /debug/{v:<15} {what}\n"));
+    }
+    body.into_response()
 }
 
 async fn view(
@@ -235,7 +302,7 @@ async fn view(
         Err(p) => p.into_inner().get(name.as_str()).cloned(),
     };
     match v {
-        Some(f) => axum::Json(f()).into_response(),
+        Some(f) => json_off_runtime(move || f()).await,
         None => (StatusCode::NOT_FOUND, format!("no debug view {name:?}\n")).into_response(),
     }
 }

@@ -90,6 +90,32 @@ impl Server {
     }
 }
 
+/// What `/debug/registryz` shows: the state translated last and its warnings. Rendered to JSON on
+/// request only; the model itself is shared (`Arc`), never copied for the view.
+#[derive(Default)]
+pub struct RegistryView {
+    state: MeshState,
+    warnings: Vec<String>,
+}
+
+impl RegistryView {
+    pub fn render(&self) -> serde_json::Value {
+        let st = &self.state;
+        match &st.mesh {
+            Some(mesh) => serde_json::json!({
+                "generation": st.generation,
+                "updated": humantime::format_rfc3339_seconds(st.updated).to_string(),
+                "error": st.error,
+                "persisted": st.persisted,
+                "rejected": st.rejected,
+                "translation_warnings": self.warnings,
+                "mesh": mesh,
+            }),
+            None => serde_json::json!({ "error": st.error, "mesh": null }),
+        }
+    }
+}
+
 /// Keeps the translated resources and the identity set in line with the mesh state.
 #[allow(clippy::too_many_arguments)]
 async fn translate_loop(
@@ -100,7 +126,7 @@ async fn translate_loop(
     config_extra: Vec<IdentitySpec>,
     // istiod needs a token per identity; the dev CA does not.
     needs_tokens: bool,
-    registry: Arc<std::sync::RwLock<serde_json::Value>>,
+    registry: Arc<std::sync::RwLock<RegistryView>>,
     readiness: Arc<crate::debug::Readiness>,
     metrics: Arc<Metrics>,
 ) {
@@ -108,7 +134,17 @@ async fn translate_loop(
     loop {
         let st = states.borrow_and_update().clone();
         if let Some(mesh) = &st.mesh {
-            let (translated, mut warnings) = translate(mesh, &ctx);
+            // CPU work off the async runtime: streams keep being served during a large translation.
+            let (m, c) = (mesh.clone(), ctx.clone());
+            let Ok((translated, mut warnings)) =
+                tokio::task::spawn_blocking(move || translate(&m, &c)).await
+            else {
+                tracing::error!("translation task failed; keeping the last translated config");
+                if states.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
             // Say once (per change) what an AuthorizationPolicy could not enforce as written.
             let authz: Vec<String> = warnings
                 .iter()
@@ -151,26 +187,19 @@ async fn translate_loop(
                 warnings.len() as f64,
             );
             if let Ok(mut r) = registry.write() {
-                *r = serde_json::json!({
-                    "generation": st.generation,
-                    "updated": humantime::format_rfc3339_seconds(st.updated).to_string(),
-                    "error": st.error,
-                    "persisted": st.persisted,
-                    "rejected": st.rejected,
-                    "translation_warnings": warnings,
-                    "mesh": mesh,
-                });
+                *r = RegistryView {
+                    state: st.clone(),
+                    warnings,
+                };
             }
             mesh_tx.send_replace(Some(Arc::new(translated)));
             readiness.set("mesh", Ok(()));
             readiness.note("mesh", st.persisted.clone());
         } else if let Ok(mut r) = registry.write() {
-            *r = serde_json::json!({ "error": st.error, "mesh": null });
-        }
-        if let Some(e) = &st.error
-            && let Ok(mut r) = registry.write()
-        {
-            r["error"] = serde_json::json!(e);
+            *r = RegistryView {
+                state: st.clone(),
+                warnings: Vec::new(),
+            };
         }
         if states.changed().await.is_err() {
             return;
@@ -285,11 +314,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             })
         })
         .collect::<Result<Vec<_>, crate::identity::SpiffeIdError>>()?;
-    let registry = Arc::new(std::sync::RwLock::new(serde_json::json!({"mesh": null})));
+    let registry = Arc::new(std::sync::RwLock::new(RegistryView::default()));
     let reg_view = registry.clone();
     running.debug.add_view(
         "registryz",
-        Arc::new(move || reg_view.read().map(|v| v.clone()).unwrap_or_default()),
+        Arc::new(move || reg_view.read().map(|v| v.render()).unwrap_or_default()),
     );
     let (mesh_tx, mesh_rx) = watch::channel::<MeshResources>(None);
     tasks.push(tokio::spawn(translate_loop(

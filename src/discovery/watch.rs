@@ -11,7 +11,7 @@
 //! slow copy) produces a burst of changes; it is read only once it has been quiet for `settle`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::watch;
@@ -49,8 +49,9 @@ pub struct FileWatch {
     path: PathBuf,
     settle: Duration,
     poll: Duration,
-    events: watch::Receiver<u64>,
-    events_tx: watch::Sender<u64>,
+    /// Notification count and when the latest arrived.
+    events: watch::Receiver<(u64, Option<Instant>)>,
+    events_tx: watch::Sender<(u64, Option<Instant>)>,
     watcher: Option<notify::RecommendedWatcher>,
     last: Option<std::io::Result<Fingerprint>>,
 }
@@ -65,7 +66,7 @@ fn same(a: &Option<std::io::Result<Fingerprint>>, b: &std::io::Result<Fingerprin
 
 impl FileWatch {
     pub fn new(path: &Path, settle: Duration, poll: Duration) -> FileWatch {
-        let (events_tx, events) = watch::channel(0u64);
+        let (events_tx, events) = watch::channel((0u64, None));
         let mut w = FileWatch {
             path: path.to_path_buf(),
             settle,
@@ -100,7 +101,10 @@ impl FileWatch {
                 // An error (e.g. queue overflow) may hide a change: treat it as one.
                 debug!("file watch reported an error; checking the file");
             }
-            tx.send_modify(|n| *n = n.wrapping_add(1));
+            tx.send_modify(|(n, at)| {
+                *n = n.wrapping_add(1);
+                *at = Some(Instant::now());
+            });
         });
         match made {
             Ok(mut w) => match w.watch(&dir, RecursiveMode::NonRecursive) {
@@ -140,14 +144,19 @@ impl FileWatch {
         }
     }
 
-    /// Returns once no notification arrived and the fingerprint stayed the same for `settle`.
+    /// Returns once no notification arrived and the fingerprint stayed the same for `settle`, counted
+    /// from the *last* notification (a burst of events from one save costs one quiet period, not one
+    /// per event).
     async fn settle(&mut self) {
         loop {
             let before = fingerprint(&self.path);
-            self.events.borrow_and_update();
-            tokio::time::sleep(self.settle).await;
+            let last_event = self.events.borrow_and_update().1;
+            let since = last_event.map_or(Duration::ZERO, |t| t.elapsed());
+            let wait = self.settle.saturating_sub(since);
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
             let after = fingerprint(&self.path);
-            let quiet = !self.events.has_changed().unwrap_or(false);
+            let latest = self.events.borrow().1;
+            let quiet = latest == last_event || latest.is_none_or(|t| t.elapsed() >= self.settle);
             if quiet && same(&Some(before), &after) {
                 self.last = Some(after);
                 return;

@@ -92,6 +92,11 @@ impl ClientRegistry {
         v
     }
 
+    /// Whether a stream of this node id is connected.
+    pub fn is_connected(&self, node_id: &str) -> bool {
+        self.clients.iter().any(|c| c.value().node_id == node_id)
+    }
+
     pub fn len(&self) -> usize {
         self.clients.len()
     }
