@@ -180,7 +180,7 @@ pub enum SnapshotError {
 /// name twice.
 #[derive(Default, Debug)]
 pub struct SnapshotBuilder {
-    types: [BTreeMap<String, Arc<Resource>>; 5],
+    types: [Content; 5],
 }
 
 impl SnapshotBuilder {
@@ -223,40 +223,54 @@ impl SnapshotBuilder {
     }
 }
 
+/// One type's resources by name. Shared (`Arc`) between a snapshot and every stream that sent or
+/// holds exactly that set, so a stream's bookkeeping costs a pointer, not a copy.
+pub type Content = BTreeMap<String, Arc<Resource>>;
+
 /// An immutable set of resources of every type, as served to one or all proxies.
 #[derive(Debug, Default)]
 pub struct ResourceSnapshot {
-    types: [BTreeMap<String, Arc<Resource>>; 5],
+    types: [Arc<Content>; 5],
     /// Per-type version used as SotW `version_info`: a hash over (name, version) pairs.
     type_versions: [String; 5],
+    /// Per-type id of the *set of names*: equal ids mean equal name sets (a stream whose
+    /// subscription covered every name of one snapshot covers the next one too).
+    name_sets: [u64; 5],
     /// Cache generation that published this snapshot (0 before publishing).
     generation: u64,
 }
 
+static NAME_SET_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 impl ResourceSnapshot {
-    fn from_types(types: [BTreeMap<String, Arc<Resource>>; 5]) -> Self {
+    fn from_types(types: [Content; 5]) -> Self {
         let type_versions = std::array::from_fn(|i| {
-            let mut h = Sha256::new();
-            for (name, r) in &types[i] {
-                h.update(name.as_bytes());
-                h.update([0]);
-                h.update(r.version.as_bytes());
-                h.update([0]);
-            }
-            h.finalize()[..8]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect()
+            digest_pairs(
+                types[i]
+                    .iter()
+                    .map(|(n, r)| (n.as_str(), r.version.as_str())),
+            )
         });
         ResourceSnapshot {
-            types,
+            types: types.map(Arc::new),
             type_versions,
+            name_sets: std::array::from_fn(|_| NAME_SET_IDS.fetch_add(1, Ordering::Relaxed)),
             generation: 0,
         }
     }
 
-    pub fn resources(&self, t: TypeUrl) -> &BTreeMap<String, Arc<Resource>> {
+    pub fn resources(&self, t: TypeUrl) -> &Content {
         &self.types[t.index()]
+    }
+
+    /// The same map, shareable.
+    pub fn shared(&self, t: TypeUrl) -> &Arc<Content> {
+        &self.types[t.index()]
+    }
+
+    /// Id of this type's set of names (see `name_sets`).
+    pub fn name_set(&self, t: TypeUrl) -> u64 {
+        self.name_sets[t.index()]
     }
 
     pub fn get(&self, t: TypeUrl, name: &str) -> Option<&Arc<Resource>> {
@@ -279,16 +293,33 @@ impl ResourceSnapshot {
         self.len() == 0
     }
 
-    /// Keep `last_updated` of resources whose content did not change since `prev`.
-    fn inherit_timestamps(&mut self, prev: &ResourceSnapshot) {
+    /// Shares what did not change since `prev`: resources with the same content keep their
+    /// allocation (and `last_updated`), a type whose content did not change at all keeps the very
+    /// same map, and an unchanged set of names keeps its id.
+    fn inherit(&mut self, prev: &ResourceSnapshot) {
         for t in TypeUrl::PUSH_ORDER {
-            let prev_map = &prev.types[t.index()];
-            for (name, r) in self.types[t.index()].iter_mut() {
+            let i = t.index();
+            if self.type_versions[i] == prev.type_versions[i] {
+                self.types[i] = prev.types[i].clone();
+                self.name_sets[i] = prev.name_sets[i];
+                continue;
+            }
+            let prev_map = &prev.types[i];
+            let same_names = prev_map.len() == self.types[i].len()
+                && prev_map
+                    .keys()
+                    .zip(self.types[i].keys())
+                    .all(|(a, b)| a == b);
+            let map = Arc::make_mut(&mut self.types[i]);
+            for (name, r) in map.iter_mut() {
                 if let Some(old) = prev_map.get(name)
                     && old.version == r.version
                 {
                     *r = old.clone();
                 }
+            }
+            if same_names {
+                self.name_sets[i] = prev.name_sets[i];
             }
         }
     }
@@ -425,7 +456,7 @@ impl SnapshotWriter {
         self.generation += 1;
         snapshot.generation = self.generation;
         if let Some(prev) = prev {
-            snapshot.inherit_timestamps(prev);
+            snapshot.inherit(prev);
         }
         Arc::new(snapshot)
     }

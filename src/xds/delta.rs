@@ -15,7 +15,7 @@ use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
-use super::cache::{Resource, ResourceSnapshot};
+use super::cache::{Content, Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
 use super::sotw::{remember_node, resolve_type};
 use super::stream::{
@@ -23,32 +23,143 @@ use super::stream::{
 };
 use super::wire::{WireAny, WireControlPlane, WireDeltaDiscoveryResponse, WireResource};
 
+/// Name → version a client holds (or has ACKed): a shared map of resources plus a small overlay of
+/// names whose state differs from it. After a complete response the base is the very map the
+/// stream wanted (usually the snapshot's own), so a stream's bookkeeping is a pointer.
+#[derive(Debug, Clone, Default)]
+struct Held {
+    base: Arc<Content>,
+    /// `Some(version)`: held at that version; `None`: not held although `base` has it.
+    overlay: BTreeMap<String, Option<String>>,
+}
+
+impl Held {
+    fn claimed(versions: &HashMap<String, String>) -> Held {
+        Held {
+            base: Arc::default(),
+            overlay: versions
+                .iter()
+                .map(|(n, v)| (n.clone(), Some(v.clone())))
+                .collect(),
+        }
+    }
+
+    fn version(&self, name: &str) -> Option<&str> {
+        match self.overlay.get(name) {
+            Some(o) => o.as_deref(),
+            None => self.base.get(name).map(|r| r.version.as_str()),
+        }
+    }
+
+    /// Whether this exact content of `r` is held.
+    fn holds(&self, name: &str, r: &Arc<Resource>) -> bool {
+        match self.overlay.get(name) {
+            Some(o) => o.as_deref() == Some(r.version.as_str()),
+            None => self
+                .base
+                .get(name)
+                .is_some_and(|b| Arc::ptr_eq(b, r) || b.version == r.version),
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.version(name).is_some()
+    }
+
+    /// Marks `name` as not held; returns whether it was.
+    fn forget(&mut self, name: &str) -> bool {
+        if !self.contains(name) {
+            return false;
+        }
+        if self.base.contains_key(name) {
+            self.overlay.insert(name.to_string(), None);
+        } else {
+            self.overlay.remove(name);
+        }
+        true
+    }
+
+    fn set(&mut self, name: &str, version: &str) {
+        self.overlay
+            .insert(name.to_string(), Some(version.to_string()));
+    }
+
+    /// Held names in order.
+    fn names(&self) -> impl Iterator<Item = &str> {
+        let base = self
+            .base
+            .keys()
+            .filter(|k| !self.overlay.contains_key(*k))
+            .map(|k| k.as_str());
+        let extra = self
+            .overlay
+            .iter()
+            .filter(|(_, v)| v.is_some())
+            .map(|(k, _)| k.as_str());
+        base.chain(extra)
+    }
+
+    /// True if exactly `m` is held (nothing more, nothing less, same versions).
+    fn is(&self, m: &Arc<Content>) -> bool {
+        self.overlay.is_empty() && Arc::ptr_eq(&self.base, m)
+    }
+
+    fn digest(&self) -> String {
+        if self.overlay.is_empty() {
+            return super::cache::digest_pairs(
+                self.base
+                    .iter()
+                    .map(|(n, r)| (n.as_str(), r.version.as_str())),
+            );
+        }
+        let sorted: BTreeMap<&str, &str> = self
+            .names()
+            .filter_map(|n| self.version(n).map(|v| (n, v)))
+            .collect();
+        super::cache::digest_pairs(sorted.into_iter())
+    }
+}
+
 #[derive(Debug)]
 struct Pending {
     nonce: String,
     sent_at: Instant,
     updated: Vec<(String, String)>,
     removed: Vec<String>,
+    /// What the client holds once it applies this response.
+    after: Held,
+    /// `acked` equalled what the client held when this was sent (no NACK in between), so an ACK
+    /// makes `acked` exactly `after`.
+    in_step: bool,
+    version: String,
 }
 
 #[derive(Debug, Default)]
 struct TypeState {
     requested: bool,
     sub: Subscription,
-    /// What the client holds (name → version), updated when a response is sent. A NACKed update stays
-    /// here, so it is not re-sent until its content changes.
-    known: HashMap<String, String>,
+    /// What the client holds, updated when a response is sent. A NACKed update stays here, so it is
+    /// not re-sent until its content changes.
+    known: Held,
     /// Subscribed names already reported as absent.
     reported_missing: BTreeSet<String>,
     /// A subscribe arrived: answer even if there is nothing new.
     must_answer: bool,
     pending: Option<Pending>,
     /// What the proxy has ACKed.
-    acked: BTreeMap<String, String>,
+    acked: Held,
+    /// `acked` equals `known` as of the last send (false after a NACK until an ACK catches up).
+    in_step: bool,
+    sent_version: Option<String>,
+    acked_version: Option<String>,
     last_nonce: Option<String>,
     last_nack: Option<NackRecord>,
     responses: u64,
     nacks: u64,
+    /// What the subscription selects from the snapshot (see `sotw::select`).
+    desired: Arc<Content>,
+    desired_for: Option<(u64, u64)>,
+    covers: Option<(u64, u64)>,
 }
 
 /// One delta stream.
@@ -88,6 +199,25 @@ impl DeltaStream {
 
     pub fn set_snapshot(&mut self, snapshot: Arc<ResourceSnapshot>) {
         self.snapshot = Some(snapshot);
+        for t in TypeUrl::PUSH_ORDER {
+            self.refresh(t);
+        }
+    }
+
+    fn refresh(&mut self, t: TypeUrl) {
+        let Some(snap) = &self.snapshot else {
+            return;
+        };
+        let st = &mut self.types[t.index()];
+        if !st.requested {
+            return;
+        }
+        let key = (snap.generation(), st.sub.epoch);
+        if st.desired_for == Some(key) && key.0 != 0 {
+            return;
+        }
+        st.desired_for = Some(key);
+        st.desired = super::sotw::select(snap, t, &st.sub, &mut st.covers);
     }
 
     pub fn handle_request(
@@ -112,9 +242,14 @@ impl DeltaStream {
             // client runs those versions, so they also count as ACKed: otherwise make-before-break
             // would wait for ACKs of listeners and routes that are unchanged and never re-sent, and
             // resources deleted while the client was away would never be removed (istio#41494).
-            for (name, version) in &req.initial_resource_versions {
-                st.known.insert(name.clone(), version.clone());
-                st.acked.insert(name.clone(), version.clone());
+            st.known = Held::claimed(&req.initial_resource_versions);
+            st.acked = st.known.clone();
+            st.in_step = true;
+            st.desired_for = None;
+            if !req.initial_resource_versions.is_empty() {
+                let v = st.known.digest();
+                st.sent_version = Some(v.clone());
+                st.acked_version = Some(v);
             }
         }
         st.sub.apply_delta(
@@ -130,19 +265,21 @@ impl DeltaStream {
         for n in &req.resource_names_subscribe {
             // Re-send on (re)subscribe, unless the client just told us which version it has.
             if !(first && req.initial_resource_versions.contains_key(n)) {
-                st.known.remove(n);
+                st.known.forget(n);
             }
             st.reported_missing.remove(n);
         }
         for n in &req.resource_names_unsubscribe {
             if n != "*" && !st.sub.wants(n) {
-                st.known.remove(n);
+                st.known.forget(n);
                 st.reported_missing.remove(n);
             }
         }
         if first || !req.resource_names_subscribe.is_empty() {
             st.must_answer = true;
         }
+        self.refresh(t);
+        let st = &mut self.types[t.index()];
 
         if req.response_nonce.is_empty() {
             return Ok((t, RequestKind::Initial));
@@ -157,51 +294,34 @@ impl DeltaStream {
         let latency = now.saturating_duration_since(p.sent_at);
         if let Some(err) = &req.error_detail {
             st.nacks += 1;
+            st.in_step = false;
+            let message = super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT);
             st.last_nack = Some(NackRecord {
                 version: p.nonce.clone(),
-                message: super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT),
+                message: message.clone(),
                 code: err.code,
                 at: SystemTime::now(),
             });
-            return Ok((
-                t,
-                RequestKind::Nack {
-                    latency,
-                    message: super::peertext::printable(
-                        &err.message,
-                        super::peertext::MAX_NACK_TEXT,
-                    ),
-                },
-            ));
+            return Ok((t, RequestKind::Nack { latency, message }));
         }
-        for (n, v) in p.updated {
-            st.acked.insert(n, v);
-        }
-        for n in p.removed {
-            st.acked.remove(&n);
+        if p.in_step {
+            st.acked = p.after;
+            st.acked_version = Some(p.version);
+        } else {
+            // After a NACK the proxy runs less than we sent: apply just this response.
+            for (n, v) in &p.updated {
+                st.acked.set(n, v);
+            }
+            for n in &p.removed {
+                st.acked.forget(n);
+            }
+            if same_held(&st.acked, &p.after) {
+                st.acked = p.after;
+                st.in_step = true;
+            }
+            st.acked_version = Some(st.acked.digest());
         }
         Ok((t, RequestKind::Ack { latency }))
-    }
-
-    fn desired(&self, t: TypeUrl) -> BTreeMap<String, Arc<Resource>> {
-        let mut out = BTreeMap::new();
-        let Some(snap) = &self.snapshot else {
-            return out;
-        };
-        let st = &self.types[t.index()];
-        if st.sub.wildcard {
-            out.extend(
-                snap.resources(t)
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-        }
-        for n in &st.sub.names {
-            if let Some(r) = snap.get(t, n) {
-                out.insert(n.clone(), r.clone());
-            }
-        }
-        out
     }
 
     fn routing_converged(&self) -> bool {
@@ -213,12 +333,13 @@ impl DeltaStream {
             if st.pending.is_some() {
                 return false;
             }
-            let desired = self.desired(t);
-            let covered = desired
-                .iter()
-                .all(|(n, r)| st.acked.get(n).is_some_and(|v| *v == r.version));
+            let desired = &st.desired;
+            if st.acked.is(desired) {
+                return true;
+            }
+            let covered = desired.iter().all(|(n, r)| st.acked.holds(n, r));
             if t.is_full_state() {
-                covered && st.acked.keys().all(|k| desired.contains_key(k))
+                covered && st.acked.names().all(|k| desired.contains_key(k))
             } else {
                 covered
             }
@@ -228,36 +349,43 @@ impl DeltaStream {
     /// Resources to update and names to remove for type `t` right now.
     fn changes(&self, t: TypeUrl) -> (Vec<Arc<Resource>>, Vec<String>, Vec<String>) {
         let st = &self.types[t.index()];
-        let desired = self.desired(t);
-        let updates: Vec<Arc<Resource>> = desired
-            .values()
-            .filter(|r| st.known.get(&r.name) != Some(&r.version))
-            .cloned()
-            .collect();
+        let desired = &st.desired;
+        let in_sync = st.known.is(desired);
+        let updates: Vec<Arc<Resource>> = if in_sync {
+            Vec::new()
+        } else {
+            desired
+                .iter()
+                .filter(|(n, r)| !st.known.holds(n, r))
+                .map(|(_, r)| r.clone())
+                .collect()
+        };
         // Removing a cluster (or the endpoints of a cluster that is being kept) while listeners or routes
         // may still use it would fail requests: hold removals until routing converged.
-        let hold_removals =
-            matches!(t, TypeUrl::Cluster | TypeUrl::Endpoint) && !self.routing_converged();
+        let hold_removals = in_sync
+            || (matches!(t, TypeUrl::Cluster | TypeUrl::Endpoint) && !self.routing_converged());
         let mut removed: Vec<String> = if hold_removals {
             Vec::new()
         } else {
-            let mut v: Vec<String> = st
-                .known
-                .keys()
+            st.known
+                .names()
                 .filter(|k| !desired.contains_key(*k))
                 // A secret that is still subscribed is awaited, never reported removed (see below),
                 // even when the client held it from before a restart.
                 .filter(|k| t != TypeUrl::Secret || !st.sub.wants(k))
-                .cloned()
-                .collect();
-            v.sort();
-            v
+                .map(str::to_string)
+                .collect()
         };
+        removed.sort();
         // Subscribed names that do not exist: tell the client once, keep the subscription. Not for
         // secrets: "does not exist" lets Envoy finish warming a listener or cluster without its
         // certificate, whereas an unanswered secret keeps it waiting (`initial_fetch_timeout: 0s`)
         // until the certificate is issued, as istio-agent's SDS server does.
-        if t == TypeUrl::Secret {
+        let all_exist = self
+            .snapshot
+            .as_ref()
+            .is_some_and(|s| st.covers == Some((s.name_set(t), st.sub.epoch)));
+        if t == TypeUrl::Secret || all_exist {
             return (updates, removed, Vec::new());
         }
         let missing: Vec<String> = st
@@ -266,7 +394,7 @@ impl DeltaStream {
             .iter()
             .filter(|n| {
                 !desired.contains_key(*n)
-                    && !st.known.contains_key(*n)
+                    && !st.known.contains(n)
                     && !st.reported_missing.contains(*n)
             })
             .cloned()
@@ -318,12 +446,27 @@ impl DeltaStream {
             let nonce = self.nonce_seq.to_string();
             let st = &mut self.types[t.index()];
             st.must_answer = false;
-            for r in &updates {
-                st.known.insert(r.name.clone(), r.version.clone());
+            // What the client holds after this response: everything desired, plus what it keeps
+            // because its removal is held back (or it is an awaited secret).
+            let mut after = Held {
+                base: st.desired.clone(),
+                overlay: BTreeMap::new(),
+            };
+            let gone: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
+            for n in st.known.names() {
+                if !st.desired.contains_key(n)
+                    && !gone.contains(n)
+                    && let Some(v) = st.known.version(n)
+                {
+                    after.set(n, v);
+                }
             }
-            for n in &removed {
-                st.known.remove(n);
-            }
+            let version = if after.is(snap.shared(t)) {
+                snap.type_version(t).to_string()
+            } else {
+                after.digest()
+            };
+            st.known = after.clone();
             st.reported_missing.extend(missing);
             st.pending = Some(Pending {
                 nonce: nonce.clone(),
@@ -333,7 +476,11 @@ impl DeltaStream {
                     .map(|r| (r.name.clone(), r.version.clone()))
                     .collect(),
                 removed: removed.clone(),
+                after,
+                in_step: st.in_step,
+                version: version.clone(),
             });
+            st.sent_version = Some(version);
             st.last_nonce = Some(nonce.clone());
             st.responses += 1;
             // Re-warming: updated clusters wait for fresh endpoints, updated listeners for routes.
@@ -341,7 +488,7 @@ impl DeltaStream {
                 let deps: Vec<String> = updates.iter().flat_map(|r| r.warm_deps.clone()).collect();
                 let ws = &mut self.types[w.index()];
                 for d in deps {
-                    if ws.known.remove(&d).is_some() {
+                    if ws.known.forget(&d) {
                         ws.reported_missing.remove(&d);
                     }
                 }
@@ -383,8 +530,6 @@ impl DeltaStream {
             .filter(|t| self.types[t.index()].requested)
             .map(|t| {
                 let st = &self.types[t.index()];
-                let sent_version = digest_versions(st.known.iter());
-                let acked_version = digest_versions(st.acked.iter());
                 let status = if st.responses == 0 {
                     SyncStatus::NotSent
                 } else if st.pending.is_none()
@@ -404,8 +549,8 @@ impl DeltaStream {
                     short: t.short(),
                     subscribed: st.sub.listed(),
                     wildcard: st.sub.wildcard,
-                    version_sent: Some(sent_version),
-                    version_acked: Some(acked_version),
+                    version_sent: st.sent_version.clone(),
+                    version_acked: st.acked_version.clone(),
                     nonce_sent: st.last_nonce.clone(),
                     status,
                     responses_sent: st.responses,
@@ -417,8 +562,39 @@ impl DeltaStream {
     }
 }
 
-/// A short digest of a name → version map, so delta streams show comparable versions in syncz.
-fn digest_versions<'a>(it: impl Iterator<Item = (&'a String, &'a String)>) -> String {
-    let sorted: BTreeMap<&String, &String> = it.collect();
-    super::cache::digest_pairs(sorted.into_iter().map(|(n, v)| (n.as_str(), v.as_str())))
+/// Same names at the same versions.
+fn same_held(a: &Held, b: &Held) -> bool {
+    let pairs = |h: &Held| -> BTreeMap<String, String> {
+        h.names()
+            .filter_map(|n| h.version(n).map(|v| (n.to_string(), v.to_string())))
+            .collect()
+    };
+    pairs(a) == pairs(b)
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+    use crate::xds::testutil::{Fx, dreq, node};
+
+    /// After a complete response, what the client holds and has ACKed is the snapshot's own map.
+    #[test]
+    fn a_synced_stream_shares_the_snapshot_maps() {
+        let snap = Fx::new(&["a", "b"], "a").build();
+        let mut s = DeltaStream::new_ads("winmesh");
+        s.set_snapshot(snap.clone());
+        let mut first = dreq(TypeUrl::Cluster, &[], &[], "");
+        first.node = Some(node());
+        s.handle_request(&first, Instant::now()).unwrap();
+        let (_, r) = s.next_response(Instant::now()).unwrap();
+        s.handle_request(&dreq(TypeUrl::Cluster, &[], &[], &r.nonce), Instant::now())
+            .unwrap();
+        let st = &s.types[TypeUrl::Cluster.index()];
+        assert!(st.known.is(snap.shared(TypeUrl::Cluster)));
+        assert!(st.acked.is(snap.shared(TypeUrl::Cluster)));
+        assert_eq!(
+            st.sent_version.as_deref(),
+            Some(snap.type_version(TypeUrl::Cluster))
+        );
+    }
 }

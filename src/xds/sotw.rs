@@ -13,26 +13,25 @@
 //! - Make-before-break: LDS/RDS wait until clusters and endpoints settled; clusters that disappeared are
 //!   kept until the proxy ACKed listeners and routes that no longer need them.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use super::cache::{Resource, ResourceSnapshot};
+use super::cache::{Content, Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
 use super::stream::{
     NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
 };
 use super::wire::{WireAny, WireControlPlane, WireDiscoveryResponse};
 
-type Content = BTreeMap<String, Arc<Resource>>;
-
 #[derive(Debug)]
 struct Sent {
     version: String,
     nonce: String,
-    content: Content,
+    /// Everything the proxy holds from us once it applies this response (for partial types the
+    /// unchanged resources sent earlier too). Usually the snapshot's own map, shared.
+    content: Arc<Content>,
 }
 
 #[derive(Debug, Default)]
@@ -43,14 +42,24 @@ struct TypeState {
     last_sent: Option<Sent>,
     /// Nonce and send time of the outstanding (un-ACKed) response.
     pending: Option<(String, Instant)>,
-    /// What the proxy runs: the content of the last ACKed responses.
-    acked: Content,
+    /// What the proxy runs: the content of the last ACKed response.
+    acked: Arc<Content>,
     acked_version: Option<String>,
-    /// Respond even if the content did not change (new names, first request, re-warming).
+    /// Respond with the full set even if the content did not change (new names, first request,
+    /// re-warming).
     force: bool,
     last_nack: Option<NackRecord>,
     responses: u64,
     nacks: u64,
+    /// What the subscription selects from the current snapshot (before make-before-break
+    /// retention). Recomputed only when the snapshot or the subscription changes; usually the
+    /// snapshot's own map.
+    desired: Arc<Content>,
+    /// (snapshot generation, subscription epoch) `desired` was computed for.
+    desired_for: Option<(u64, u64)>,
+    /// Name-set id of a snapshot whose names the subscription lists exactly (see
+    /// `ResourceSnapshot::name_set`): the next snapshot with that id is covered without lookups.
+    covers: Option<(u64, u64)>,
 }
 
 /// One SotW stream.
@@ -91,6 +100,26 @@ impl SotwStream {
 
     pub fn set_snapshot(&mut self, snapshot: Arc<ResourceSnapshot>) {
         self.snapshot = Some(snapshot);
+        for t in TypeUrl::PUSH_ORDER {
+            self.refresh(t);
+        }
+    }
+
+    /// Brings `desired` of type `t` up to date with the snapshot and the subscription.
+    fn refresh(&mut self, t: TypeUrl) {
+        let Some(snap) = &self.snapshot else {
+            return;
+        };
+        let st = &mut self.types[t.index()];
+        if !st.requested {
+            return;
+        }
+        let key = (snap.generation(), st.sub.epoch);
+        if st.desired_for == Some(key) && st.desired_for.is_some_and(|(g, _)| g != 0) {
+            return;
+        }
+        st.desired_for = Some(key);
+        st.desired = select(snap, t, &st.sub, &mut st.covers);
     }
 
     /// Applies one request. Returns the type it was for and what it meant.
@@ -109,6 +138,11 @@ impl SotwStream {
         if first || added {
             st.force = true;
         }
+        if first {
+            st.desired_for = None;
+        }
+        self.refresh(t);
+        let st = &mut self.types[t.index()];
 
         if req.response_nonce.is_empty() {
             return Ok((t, RequestKind::Initial));
@@ -126,67 +160,51 @@ impl SotwStream {
         };
         if let Some(err) = &req.error_detail {
             st.nacks += 1;
+            let message = super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT);
             st.last_nack = Some(NackRecord {
                 version: sent.version.clone(),
-                message: super::peertext::printable(&err.message, super::peertext::MAX_NACK_TEXT),
+                message: message.clone(),
                 code: err.code,
                 at: SystemTime::now(),
             });
             // Keep `last_sent` so the rejected content is not re-sent; `acked` stays what the proxy runs.
-            return Ok((
-                t,
-                RequestKind::Nack {
-                    latency,
-                    message: super::peertext::printable(
-                        &err.message,
-                        super::peertext::MAX_NACK_TEXT,
-                    ),
-                },
-            ));
+            return Ok((t, RequestKind::Nack { latency, message }));
         }
-        if t.is_full_state() {
-            st.acked = sent.content.clone();
-        } else {
-            for (k, v) in &sent.content {
-                st.acked.insert(k.clone(), v.clone());
-            }
-        }
+        // For partial types the sent content already includes what was sent before and is
+        // still desired, so it is exactly what the proxy now runs.
+        st.acked = sent.content.clone();
         st.acked_version = Some(sent.version.clone());
         Ok((t, RequestKind::Ack { latency }))
     }
 
     /// The resources this stream should be running for type `t` now.
-    fn desired(&self, t: TypeUrl) -> Content {
-        let mut out = Content::new();
-        let Some(snap) = &self.snapshot else {
-            return out;
-        };
+    fn desired(&self, t: TypeUrl) -> Arc<Content> {
         let st = &self.types[t.index()];
-        if st.sub.wildcard {
-            out.extend(
-                snap.resources(t)
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-        }
-        for n in &st.sub.names {
-            if let Some(r) = snap.get(t, n) {
-                out.insert(n.clone(), r.clone());
-            }
-        }
         // Make-before-break: a cluster that disappeared stays while the proxy still runs listeners or
         // routes that may point at it.
-        if t == TypeUrl::Cluster && !self.routing_converged() {
-            for (name, r) in &st.acked {
-                if !out.contains_key(name)
-                    && !snap.resources(t).contains_key(name)
-                    && st.sub.wants(name)
-                {
+        if t == TypeUrl::Cluster
+            && !Arc::ptr_eq(&st.acked, &st.desired)
+            && !self.routing_converged()
+            && let Some(snap) = &self.snapshot
+        {
+            let kept: Vec<(&String, &Arc<Resource>)> = st
+                .acked
+                .iter()
+                .filter(|(name, _)| {
+                    !st.desired.contains_key(*name)
+                        && !snap.resources(t).contains_key(*name)
+                        && st.sub.wants(name)
+                })
+                .collect();
+            if !kept.is_empty() {
+                let mut out = (*st.desired).clone();
+                for (name, r) in kept {
                     out.insert(name.clone(), r.clone());
                 }
+                return Arc::new(out);
             }
         }
-        out
+        st.desired.clone()
     }
 
     /// True when the proxy has ACKed the current listeners and routes.
@@ -199,10 +217,15 @@ impl SotwStream {
             if st.pending.is_some() {
                 return false;
             }
-            let desired = self.desired(t);
-            let covered = desired
-                .iter()
-                .all(|(n, r)| st.acked.get(n).is_some_and(|a| a.version == r.version));
+            let desired = &st.desired;
+            if Arc::ptr_eq(desired, &st.acked) {
+                return true;
+            }
+            let covered = desired.iter().all(|(n, r)| {
+                st.acked
+                    .get(n)
+                    .is_some_and(|a| Arc::ptr_eq(a, r) || a.version == r.version)
+            });
             if t.is_full_state() {
                 covered && st.acked.len() == desired.len()
             } else {
@@ -211,7 +234,7 @@ impl SotwStream {
         })
     }
 
-    fn is_dirty(&self, t: TypeUrl, desired: &Content) -> bool {
+    fn is_dirty(&self, t: TypeUrl, desired: &Arc<Content>) -> bool {
         let st = &self.types[t.index()];
         if st.force {
             return true;
@@ -219,12 +242,17 @@ impl SotwStream {
         let Some(sent) = &st.last_sent else {
             return true;
         };
+        if Arc::ptr_eq(&sent.content, desired) {
+            return false;
+        }
         if t.is_full_state() {
             !same_content(&sent.content, desired)
         } else {
-            desired
-                .iter()
-                .any(|(n, r)| sent.content.get(n).is_none_or(|s| s.version != r.version))
+            desired.iter().any(|(n, r)| {
+                sent.content
+                    .get(n)
+                    .is_none_or(|s| !Arc::ptr_eq(s, r) && s.version != r.version)
+            })
         }
     }
 
@@ -238,7 +266,7 @@ impl SotwStream {
 
     /// The next response to send, in make-before-break order, or `None` if nothing is due.
     pub fn next_response(&mut self, now: Instant) -> Option<(TypeUrl, WireDiscoveryResponse)> {
-        self.snapshot.as_ref()?;
+        let snap = self.snapshot.clone()?;
         for t in TypeUrl::PUSH_ORDER {
             if self.only.is_some_and(|o| o != t) {
                 continue;
@@ -257,25 +285,52 @@ impl SotwStream {
                 continue;
             }
             let st = &mut self.types[t.index()];
-            st.force = false;
+            let full = std::mem::take(&mut st.force) || t.is_full_state();
             if !t.is_full_state() && desired.is_empty() {
                 // Nothing to say: partial types cannot express removal, and named resources that do
                 // not exist yet are sent when they appear.
-                if st.last_sent.is_none() {
-                    continue;
-                }
                 if let Some(s) = st.last_sent.as_mut() {
-                    s.content.clear();
+                    s.content = desired;
                 }
+                continue;
+            }
+            // EDS, RDS and SDS may be partial (as istiod sends incremental EDS): after the first
+            // full response, only what the proxy does not run yet. A subscription that added names,
+            // or a re-warm after CDS/LDS, gets the full set.
+            let body: Vec<&Arc<Resource>> = if full || st.last_sent.is_none() {
+                desired.values().collect()
+            } else {
+                desired
+                    .iter()
+                    .filter(|(n, r)| {
+                        st.acked
+                            .get(*n)
+                            .is_none_or(|a| !Arc::ptr_eq(a, r) && a.version != r.version)
+                    })
+                    .map(|(_, r)| r)
+                    .collect()
+            };
+            if body.is_empty() && !full {
+                // Back to what the proxy already runs (e.g. after a NACKed change was reverted).
+                let version = st.acked_version.clone().unwrap_or_default();
+                st.last_sent = Some(Sent {
+                    version,
+                    nonce: String::new(),
+                    content: desired,
+                });
                 continue;
             }
             self.nonce_seq += 1;
             let nonce = self.nonce_seq.to_string();
-            let version = content_version(&desired);
+            let version = if Arc::ptr_eq(&desired, snap.shared(t)) {
+                snap.type_version(t).to_string()
+            } else {
+                content_version(&desired)
+            };
             let resp = WireDiscoveryResponse {
                 version_info: version.clone(),
-                resources: desired
-                    .values()
+                resources: body
+                    .into_iter()
                     .map(|r| WireAny {
                         type_url: bytes::Bytes::from_static(t.as_str().as_bytes()),
                         value: r.body.clone(),
@@ -317,13 +372,14 @@ impl SotwStream {
             .filter(|t| self.types[t.index()].requested)
             .map(|t| {
                 let st = &self.types[t.index()];
-                let desired = self.desired(t);
                 let status = match (&st.last_sent, &st.last_nack) {
                     (None, _) => SyncStatus::NotSent,
                     (Some(s), Some(n)) if n.version == s.version && st.pending.is_none() => {
                         SyncStatus::Nacked
                     }
-                    _ if st.pending.is_some() || self.is_dirty(t, &desired) => SyncStatus::Stale,
+                    _ if st.pending.is_some() || self.is_dirty(t, &self.desired(t)) => {
+                        SyncStatus::Stale
+                    }
                     _ => SyncStatus::Synced,
                 };
                 TypeStatus {
@@ -333,7 +389,11 @@ impl SotwStream {
                     wildcard: st.sub.wildcard,
                     version_sent: st.last_sent.as_ref().map(|s| s.version.clone()),
                     version_acked: st.acked_version.clone(),
-                    nonce_sent: st.last_sent.as_ref().map(|s| s.nonce.clone()),
+                    nonce_sent: st
+                        .last_sent
+                        .as_ref()
+                        .map(|s| s.nonce.clone())
+                        .filter(|n| !n.is_empty()),
                     status,
                     responses_sent: st.responses,
                     nacks: st.nacks,
@@ -342,6 +402,39 @@ impl SotwStream {
             })
             .collect()
     }
+}
+
+/// What `sub` selects of type `t` in `snap`. Shares the snapshot's map whenever the selection is
+/// all of it (a wildcard, or names that list exactly the snapshot's names), which `covers`
+/// remembers per name set so the common case costs no lookups at all.
+pub(crate) fn select(
+    snap: &ResourceSnapshot,
+    t: TypeUrl,
+    sub: &Subscription,
+    covers: &mut Option<(u64, u64)>,
+) -> Arc<Content> {
+    let all = snap.shared(t);
+    if sub.wildcard {
+        return all.clone();
+    }
+    if sub.names.is_empty() {
+        return Arc::default();
+    }
+    let key = (snap.name_set(t), sub.epoch);
+    if *covers == Some(key) {
+        return all.clone();
+    }
+    if sub.names.len() == all.len() && all.keys().all(|k| sub.names.contains(k)) {
+        *covers = Some(key);
+        return all.clone();
+    }
+    let mut out = Content::new();
+    for n in sub.names.iter() {
+        if let Some(r) = all.get(n) {
+            out.insert(n.clone(), r.clone());
+        }
+    }
+    Arc::new(out)
 }
 
 /// The first request of a stream must carry the node; later ones may omit it
@@ -387,4 +480,48 @@ fn same_content(a: &Content, b: &Content) -> bool {
 
 fn content_version(c: &Content) -> String {
     super::cache::digest_pairs(c.iter().map(|(n, r)| (n.as_str(), r.version.as_str())))
+}
+
+#[cfg(test)]
+mod sharing_tests {
+    use super::*;
+    use crate::xds::testutil::{Fx, first_req, req};
+
+    /// A synced stream holds pointers to the snapshot's maps, not copies: what it sent, what was
+    /// ACKed and what it wants are the same allocation (memory per stream stays flat in the mesh size).
+    #[test]
+    fn a_synced_stream_shares_the_snapshot_maps() {
+        let snap = Fx::new(&["a", "b", "c"], "a").build();
+        let mut s = SotwStream::new_ads("winmesh");
+        s.set_snapshot(snap.clone());
+        s.handle_request(&first_req(TypeUrl::Cluster, &[]), Instant::now())
+            .unwrap();
+        let (_, cds) = s.next_response(Instant::now()).unwrap();
+        s.handle_request(
+            &req(TypeUrl::Endpoint, &["a", "b", "c"], ""),
+            Instant::now(),
+        )
+        .unwrap();
+        s.handle_request(&req(TypeUrl::Cluster, &[], &cds.nonce), Instant::now())
+            .unwrap();
+        let (_, eds) = s.next_response(Instant::now()).unwrap();
+        s.handle_request(
+            &req(TypeUrl::Endpoint, &["a", "b", "c"], &eds.nonce),
+            Instant::now(),
+        )
+        .unwrap();
+        for t in [TypeUrl::Cluster, TypeUrl::Endpoint] {
+            let st = &s.types[t.index()];
+            let sent = &st.last_sent.as_ref().unwrap().content;
+            assert!(Arc::ptr_eq(sent, snap.shared(t)), "{t} sent is shared");
+            assert!(
+                Arc::ptr_eq(&st.acked, snap.shared(t)),
+                "{t} acked is shared"
+            );
+            assert!(
+                Arc::ptr_eq(&st.desired, snap.shared(t)),
+                "{t} desired is shared"
+            );
+        }
+    }
 }

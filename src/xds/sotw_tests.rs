@@ -230,7 +230,7 @@ fn stale_nonce_applies_subscription_but_is_not_an_ack() {
     assert!(drain(&mut s).is_empty());
     let st = s.status().into_iter().find(|t| t.short == "EDS").unwrap();
     assert_eq!(st.status, SyncStatus::Stale);
-    assert!(st.subscribed.contains(&"b".to_string()));
+    assert!(st.subscribed.contains("b"));
     // Once the outstanding response is ACKed, the new name is answered.
     ack(&mut s, Endpoint, &["a", "b"], &eds);
     let r = one(&mut s, Endpoint);
@@ -527,4 +527,104 @@ fn nack_texts_are_kept_printable_and_capped() {
     let st = s.status();
     let rec = st[0].last_nack.as_ref().expect("recorded");
     assert_eq!(rec.message, message);
+}
+
+/// EDS (like RDS and SDS) may be partial in SotW: after the full first response, an endpoint change
+/// sends only the assignment that changed, as istiod's incremental EDS does. A CDS change re-sends
+/// the full EDS set, because Envoy re-warms the clusters it updated.
+#[test]
+fn an_endpoint_change_sends_only_the_changed_assignment() {
+    let snap = |tag_a: u32, cluster_tag: u32| {
+        let mut b = super::SnapshotBuilder::new();
+        b.add(&eds_cluster("a", cluster_tag)).unwrap();
+        b.add(&eds_cluster("b", 0)).unwrap();
+        b.add(&cla("a", tag_a)).unwrap();
+        b.add(&cla("b", 0)).unwrap();
+        std::sync::Arc::new(b.build())
+    };
+    let mut s = SotwStream::new_ads("winmesh");
+    s.set_snapshot(snap(0, 0));
+    s.handle_request(&first_req(Cluster, &[]), Instant::now())
+        .unwrap();
+    let cds = one(&mut s, Cluster);
+    s.handle_request(&req(Endpoint, &["a", "b"], ""), Instant::now())
+        .unwrap();
+    ack(&mut s, Cluster, &[], &cds);
+    let eds = one(&mut s, Endpoint);
+    assert_eq!(resp_names(&eds), ["a", "b"]);
+    ack(&mut s, Endpoint, &["a", "b"], &eds);
+
+    s.set_snapshot(snap(1, 0));
+    let partial = one(&mut s, Endpoint);
+    assert_eq!(resp_names(&partial), ["a"], "only the changed assignment");
+    assert_ne!(partial.version_info, eds.version_info);
+    assert!(matches!(
+        ack(&mut s, Endpoint, &["a", "b"], &partial),
+        RequestKind::Ack { .. }
+    ));
+    assert!(drain(&mut s).is_empty());
+    assert!(s.status().iter().all(|t| t.status == SyncStatus::Synced));
+
+    // A cluster change: CDS, then the full EDS set for re-warming.
+    s.set_snapshot(snap(1, 7));
+    let (_, rest) = take(&mut s, Cluster);
+    let eds2 = &rest
+        .iter()
+        .find(|x| x.0 == Endpoint)
+        .expect("EDS re-sent")
+        .1;
+    assert_eq!(resp_names(eds2), ["a", "b"]);
+}
+
+/// A NACKed partial update is not re-sent on its own; the next change offers it again together
+/// with the new one, measured against what the proxy runs (its last ACK).
+#[test]
+fn after_a_nack_the_next_partial_update_covers_what_the_proxy_lacks() {
+    let snap = |tag_a: u32, tag_b: u32| {
+        let mut b = super::SnapshotBuilder::new();
+        b.add(&cla("a", tag_a)).unwrap();
+        b.add(&cla("b", tag_b)).unwrap();
+        std::sync::Arc::new(b.build())
+    };
+    let mut s = SotwStream::new_ads("winmesh");
+    s.set_snapshot(snap(0, 0));
+    s.handle_request(&first_req(Endpoint, &["a", "b"]), Instant::now())
+        .unwrap();
+    let full = one(&mut s, Endpoint);
+    ack(&mut s, Endpoint, &["a", "b"], &full);
+    s.set_snapshot(snap(1, 0));
+    let bad = one(&mut s, Endpoint);
+    assert_eq!(resp_names(&bad), ["a"]);
+    s.handle_request(
+        &nack(Endpoint, &["a", "b"], &bad.nonce, "no"),
+        Instant::now(),
+    )
+    .unwrap();
+    assert!(drain(&mut s).is_empty(), "a NACKed update is not re-sent");
+    s.set_snapshot(snap(1, 2));
+    let next = one(&mut s, Endpoint);
+    assert_eq!(resp_names(&next), ["a", "b"]);
+}
+
+#[test]
+fn an_empty_full_state_set_is_still_answered() {
+    // Envoy's ADS init waits for a CDS response before it asks for listeners: an empty cluster
+    // set must be sent (and acknowledged), never swallowed as "nothing changed".
+    let mut s = SotwStream::new_ads("winmesh");
+    s.set_snapshot(Fx::new(&[], "none").build());
+    s.handle_request(&first_req(Cluster, &[]), Instant::now())
+        .unwrap();
+    let cds = one(&mut s, Cluster);
+    assert!(cds.resources.is_empty());
+    assert!(!cds.nonce.is_empty());
+    ack(&mut s, Cluster, &[], &cds);
+    s.handle_request(&req(Listener, &[], ""), Instant::now())
+        .unwrap();
+    assert_eq!(resp_names(&one(&mut s, Listener)), vec!["l"]);
+
+    // And a set that becomes empty removes everything by omission.
+    let mut s = synced(&Fx::new(&["a"], "a"), &["a"]);
+    s.set_snapshot(Fx::new(&[], "a").build());
+    let (r, _) = take(&mut s, Cluster);
+    assert!(r.resources.is_empty(), "all clusters removed");
 }

@@ -3,6 +3,7 @@
 //! per-type status that `/debug/syncz` shows.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -133,7 +134,7 @@ pub struct TypeStatus {
     #[serde(rename = "type")]
     pub type_url: &'static str,
     pub short: &'static str,
-    pub subscribed: Vec<String>,
+    pub subscribed: SubscribedNames,
     pub wildcard: bool,
     pub version_sent: Option<String>,
     pub version_acked: Option<String>,
@@ -144,20 +145,59 @@ pub struct TypeStatus {
     pub last_nack: Option<NackRecord>,
 }
 
+/// The names a stream subscribed to, as `/debug/syncz` lists them (`"*"` first for a wildcard).
+/// Shares the subscription's set: recording a stream's status after every request copies nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribedNames {
+    pub wildcard: bool,
+    pub names: Arc<BTreeSet<String>>,
+}
+
+impl SubscribedNames {
+    pub fn contains(&self, name: &str) -> bool {
+        (self.wildcard && name == "*") || self.names.contains(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len() + usize::from(self.wildcard)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Serialize for SubscribedNames {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let mut seq = s.serialize_seq(Some(self.len()))?;
+        if self.wildcard {
+            seq.serialize_element("*")?;
+        }
+        for n in self.names.iter() {
+            seq.serialize_element(n)?;
+        }
+        seq.end()
+    }
+}
+
 /// A resource subscription with xDS wildcard rules.
 #[derive(Debug, Default, Clone)]
 pub struct Subscription {
     pub wildcard: bool,
-    pub names: BTreeSet<String>,
+    /// Explicitly named resources. Shared with status records; copied only when it changes.
+    pub names: Arc<BTreeSet<String>>,
     /// Whether the client has ever named a resource explicitly (ends the legacy wildcard).
     named_ever: bool,
+    /// Bumped on every change, so a stream recomputes what it wants only when this moves.
+    pub epoch: u64,
 }
 
 impl Subscription {
     /// SotW: replace the subscription with the request's names. Returns true if anything was added
     /// (newly named resources, or wildcard turned on), which must be answered even if unchanged.
+    /// An unchanged list (every ACK repeats it) costs lookups only, no copy.
     pub fn replace(&mut self, t: TypeUrl, names: &[String]) -> bool {
-        let explicit: BTreeSet<String> = names.iter().filter(|n| *n != "*").cloned().collect();
         let star = names.iter().any(|n| n == "*");
         let wildcard = if t.has_legacy_wildcard() && names.is_empty() && !self.named_ever {
             true
@@ -167,10 +207,21 @@ impl Subscription {
         if !names.is_empty() {
             self.named_ever = true;
         }
-        let added =
-            (wildcard && !self.wildcard) || explicit.iter().any(|n| !self.names.contains(n));
+        let count = names.iter().filter(|n| *n != "*").count();
+        let same_names = count == self.names.len()
+            && names
+                .iter()
+                .filter(|n| *n != "*")
+                .all(|n| self.names.contains(n));
+        let added = (wildcard && !self.wildcard)
+            || (!same_names && names.iter().any(|n| n != "*" && !self.names.contains(n)));
+        if !same_names {
+            self.names = Arc::new(names.iter().filter(|n| *n != "*").cloned().collect());
+        }
+        if !same_names || wildcard != self.wildcard {
+            self.epoch += 1;
+        }
         self.wildcard = wildcard;
-        self.names = explicit;
         added
     }
 
@@ -183,23 +234,30 @@ impl Subscription {
         subscribe: &[String],
         unsubscribe: &[String],
     ) {
+        let before = (self.wildcard, self.names.len());
+        let mut changed = false;
         if first && subscribe.is_empty() && t.has_legacy_wildcard() {
             self.wildcard = true;
         }
         for n in subscribe {
             if n == "*" {
                 self.wildcard = true;
-            } else {
-                self.names.insert(n.clone());
+            } else if !self.names.contains(n) {
+                Arc::make_mut(&mut self.names).insert(n.clone());
+                changed = true;
             }
             self.named_ever = true;
         }
         for n in unsubscribe {
             if n == "*" {
                 self.wildcard = false;
-            } else {
-                self.names.remove(n);
+            } else if self.names.contains(n) {
+                Arc::make_mut(&mut self.names).remove(n);
+                changed = true;
             }
+        }
+        if changed || before != (self.wildcard, self.names.len()) {
+            self.epoch += 1;
         }
     }
 
@@ -207,12 +265,11 @@ impl Subscription {
         self.wildcard || self.names.contains(name)
     }
 
-    pub fn listed(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.names.iter().cloned().collect();
-        if self.wildcard {
-            v.insert(0, "*".to_string());
+    pub fn listed(&self) -> SubscribedNames {
+        SubscribedNames {
+            wildcard: self.wildcard,
+            names: self.names.clone(),
         }
-        v
     }
 }
 
