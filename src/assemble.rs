@@ -1,15 +1,21 @@
 //! The single owner of the [`SnapshotWriter`]: combines the latest mesh resources and certificates
 //! into one snapshot and publishes it. Changes that arrive during a build coalesce into the next.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::identity::SecretSet;
 use crate::metrics::Metrics;
-use crate::xds::{SnapshotBuilder, SnapshotWriter};
+#[cfg(test)]
+use crate::xds::cache::Resource;
+use crate::xds::cache::XdsMessage;
+use crate::xds::{ResourceSnapshot, SnapshotBuilder, SnapshotWriter, TypeUrl};
 
 /// Mesh resources (everything but secrets), already translated. `None` until the mesh sources synced.
-pub type MeshResources = Option<std::sync::Arc<Translated>>;
+pub type MeshResources = Option<Arc<Translated>>;
 
 /// Output of translation: Envoy resources plus the identities they present (which need certificates).
 #[derive(Debug, Default, Clone)]
@@ -20,19 +26,76 @@ pub struct Translated {
     pub endpoints: Vec<envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment>,
 }
 
-/// Builds the snapshot for the current inputs. Rejected resources are logged and counted; the rest ship.
-pub fn build(
+/// What the previous build encoded: the translated input and the snapshot made from it. The next
+/// build re-encodes only the messages that differ from it (content-addressed reuse: an unchanged
+/// message keeps its encoded bytes, digest and `last_updated` without being serialized again).
+#[derive(Clone, Default)]
+pub struct Previous {
+    mesh: Option<Arc<Translated>>,
+    snapshot: Option<Arc<ResourceSnapshot>>,
+}
+
+/// How a build went: resources serialized anew versus shared with the previous snapshot.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BuildStats {
+    pub encoded: usize,
+    pub reused: usize,
+}
+
+/// Builds the snapshot for the current inputs from scratch. Rejected resources are logged and
+/// counted; the rest ship.
+pub fn build(mesh: &Translated, secrets: &SecretSet, metrics: &Metrics) -> ResourceSnapshot {
+    build_after(&Previous::default(), mesh, secrets, metrics).0
+}
+
+/// Builds the snapshot, sharing every resource whose message equals the one `prev` encoded.
+pub fn build_after(
+    prev: &Previous,
     mesh: &Translated,
     secrets: &SecretSet,
     metrics: &Metrics,
-) -> crate::xds::ResourceSnapshot {
+) -> (ResourceSnapshot, BuildStats) {
     let mut b = SnapshotBuilder::new();
     let mut errors = Vec::new();
-    errors.extend(b.add_all(mesh.clusters.iter()));
-    errors.extend(b.add_all(mesh.endpoints.iter()));
-    errors.extend(b.add_all(mesh.listeners.iter()));
-    errors.extend(b.add_all(mesh.routes.iter()));
-    errors.extend(b.add_all(crate::translate::secret::secrets(secrets).iter()));
+    let mut stats = BuildStats::default();
+    let old = prev.mesh.as_deref();
+    let snap = prev.snapshot.as_deref();
+    add_type(
+        &mut b,
+        &mesh.clusters,
+        old.map(|o| &o.clusters[..]),
+        snap,
+        &mut errors,
+        &mut stats,
+    );
+    add_type(
+        &mut b,
+        &mesh.endpoints,
+        old.map(|o| &o.endpoints[..]),
+        snap,
+        &mut errors,
+        &mut stats,
+    );
+    add_type(
+        &mut b,
+        &mesh.listeners,
+        old.map(|o| &o.listeners[..]),
+        snap,
+        &mut errors,
+        &mut stats,
+    );
+    add_type(
+        &mut b,
+        &mesh.routes,
+        old.map(|o| &o.routes[..]),
+        snap,
+        &mut errors,
+        &mut stats,
+    );
+    // Secrets are few and carry their own rotation; they are always encoded.
+    let secrets = crate::translate::secret::secrets(secrets);
+    stats.encoded += secrets.len();
+    errors.extend(b.add_all(secrets.iter()));
     for e in errors {
         warn!(error = %e, "resource skipped");
         metrics.inc(
@@ -42,30 +105,89 @@ pub fn build(
             1.0,
         );
     }
-    b.build()
+    (b.build(), stats)
+}
+
+fn add_type<M: XdsMessage + PartialEq>(
+    b: &mut SnapshotBuilder,
+    new: &[M],
+    old: Option<&[M]>,
+    prev: Option<&ResourceSnapshot>,
+    errors: &mut Vec<crate::xds::cache::SnapshotError>,
+    stats: &mut BuildStats,
+) {
+    // The previous message of each name; a name that appeared twice is ambiguous (only the first
+    // was served) and is re-encoded.
+    let mut by_name: HashMap<&str, Option<&M>> = HashMap::new();
+    if prev.is_some() {
+        for m in old.unwrap_or_default() {
+            by_name
+                .entry(m.resource_name())
+                .and_modify(|e| *e = None)
+                .or_insert(Some(m));
+        }
+    }
+    for m in new {
+        let shared = prev
+            .and_then(|p| p.get(M::TYPE, m.resource_name()))
+            .filter(|_| matches!(by_name.get(m.resource_name()), Some(Some(o)) if *o == m));
+        let added = match shared {
+            Some(r) => {
+                stats.reused += 1;
+                b.add_shared(r.clone()).map(|_| ())
+            }
+            None => {
+                stats.encoded += 1;
+                b.add(m).map(|_| ())
+            }
+        };
+        if let Err(e) = added {
+            errors.push(e);
+        }
+    }
 }
 
 /// Publishes whenever the mesh or the secrets change, until `shutdown`. Waits for the mesh to be
-/// synced (`Some`) before the first publish, so a restart never serves an empty config.
+/// synced (`Some`) before the first publish, so a restart never serves an empty config. Building
+/// and publishing run on a blocking thread: streams keep being served while 10k services encode.
 pub async fn run(
-    mut writer: SnapshotWriter,
+    writer: SnapshotWriter,
     mut mesh: watch::Receiver<MeshResources>,
     mut secrets: watch::Receiver<SecretSet>,
-    metrics: std::sync::Arc<Metrics>,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     // Without a CA nobody ever sends secrets: a closed secrets channel only means "no changes".
     let mut secrets_open = true;
+    let mut writer = Some(writer);
+    let mut prev = Previous::default();
     loop {
         let current = mesh.borrow_and_update().clone();
         let set = secrets.borrow_and_update().clone();
-        if let Some(m) = current {
-            let snap = build(&m, &set, &metrics);
-            let counts: Vec<(crate::xds::TypeUrl, usize)> = crate::xds::TypeUrl::PUSH_ORDER
-                .iter()
-                .map(|t| (*t, snap.resources(*t).len()))
-                .collect();
-            let snap = writer.publish(snap);
+        if let Some(m) = current
+            && let Some(w) = writer.take()
+        {
+            let (p, met) = (prev.clone(), metrics.clone());
+            let job = tokio::task::spawn_blocking(move || {
+                let mut w = w;
+                let (snap, stats) = build_after(&p, &m, &set, &met);
+                let counts: Vec<(TypeUrl, usize)> = TypeUrl::PUSH_ORDER
+                    .iter()
+                    .map(|t| (*t, snap.resources(*t).len()))
+                    .collect();
+                let snap = w.publish(snap);
+                (w, m, snap, stats, counts)
+            });
+            let Ok((w, m, snap, stats, counts)) = job.await else {
+                // A panic while building is a bug; the last published snapshot keeps being served.
+                tracing::error!("snapshot build failed; keeping the last published snapshot");
+                return;
+            };
+            writer = Some(w);
+            prev = Previous {
+                mesh: Some(m),
+                snapshot: Some(snap.clone()),
+            };
             for (t, n) in counts {
                 metrics.set(
                     "winmesh_snapshot_resources",
@@ -80,7 +202,18 @@ pub async fn run(
                 &[],
                 1.0,
             );
-            debug!(generation = snap.generation(), "snapshot published");
+            metrics.inc(
+                "winmesh_resources_encoded_total",
+                "Resources serialized anew; unchanged ones are shared with the previous snapshot.",
+                &[],
+                stats.encoded as f64,
+            );
+            debug!(
+                generation = snap.generation(),
+                encoded = stats.encoded,
+                reused = stats.reused,
+                "snapshot published"
+            );
         }
         tokio::select! {
             r = mesh.changed() => if r.is_err() { return; },
@@ -100,7 +233,96 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::xds::testutil::{cla, eds_cluster};
     use std::time::Duration;
+
+    fn mesh(n: usize, changed: Option<usize>) -> Translated {
+        Translated {
+            clusters: (0..n).map(|i| eds_cluster(&format!("c{i}"), 0)).collect(),
+            endpoints: (0..n)
+                .map(|i| cla(&format!("c{i}"), u32::from(changed == Some(i))))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn previous(m: Translated) -> Previous {
+        let m = Arc::new(m);
+        let snap = build(&m, &SecretSet::default(), &Metrics::new());
+        Previous {
+            mesh: Some(m),
+            snapshot: Some(Arc::new(snap)),
+        }
+    }
+
+    #[test]
+    fn only_changed_messages_are_encoded_again() {
+        let metrics = Metrics::new();
+        let prev = previous(mesh(100, None));
+        let (same, stats) = build_after(&prev, &mesh(100, None), &SecretSet::default(), &metrics);
+        assert_eq!(
+            stats,
+            BuildStats {
+                encoded: 0,
+                reused: 200
+            }
+        );
+        let old = prev.snapshot.as_deref().unwrap();
+        assert!(Arc::ptr_eq(
+            same.get(TypeUrl::Endpoint, "c7").unwrap(),
+            old.get(TypeUrl::Endpoint, "c7").unwrap()
+        ));
+        assert_eq!(
+            same.type_version(TypeUrl::Endpoint),
+            old.type_version(TypeUrl::Endpoint)
+        );
+
+        let (next, stats) =
+            build_after(&prev, &mesh(100, Some(7)), &SecretSet::default(), &metrics);
+        assert_eq!(
+            stats,
+            BuildStats {
+                encoded: 1,
+                reused: 199
+            }
+        );
+        let fresh = Resource::encode(&cla("c7", 1));
+        assert_eq!(next.get(TypeUrl::Endpoint, "c7").unwrap().body, fresh.body);
+        assert_ne!(
+            next.type_version(TypeUrl::Endpoint),
+            old.type_version(TypeUrl::Endpoint)
+        );
+    }
+
+    #[test]
+    fn a_name_that_was_duplicated_is_encoded_again() {
+        // The first of two same-named messages was served; equality with the second must not
+        // make the build reuse the first one's bytes.
+        let mut m = mesh(1, None);
+        m.endpoints.push(cla("c0", 5));
+        let prev = previous(m);
+        let (next, stats) = build_after(
+            &prev,
+            &Translated {
+                clusters: vec![eds_cluster("c0", 0)],
+                endpoints: vec![cla("c0", 5)],
+                ..Default::default()
+            },
+            &SecretSet::default(),
+            &Metrics::new(),
+        );
+        assert_eq!(
+            stats,
+            BuildStats {
+                encoded: 1,
+                reused: 1
+            }
+        );
+        assert_eq!(
+            next.get(TypeUrl::Endpoint, "c0").unwrap().body,
+            Resource::encode(&cla("c0", 5)).body
+        );
+    }
 
     /// Without a CA the secrets sender is gone before the mesh arrives: the mesh is still published.
     #[tokio::test]

@@ -193,6 +193,11 @@ impl SnapshotBuilder {
     }
 
     pub fn add_resource(&mut self, r: Resource) -> Result<&mut Self, SnapshotError> {
+        self.add_shared(Arc::new(r))
+    }
+
+    /// Adds an already encoded resource (shared with an earlier snapshot).
+    pub fn add_shared(&mut self, r: Arc<Resource>) -> Result<&mut Self, SnapshotError> {
         if r.name.is_empty() {
             return Err(SnapshotError::EmptyName {
                 type_url: r.type_url,
@@ -202,10 +207,10 @@ impl SnapshotBuilder {
         if map.contains_key(&r.name) {
             return Err(SnapshotError::Duplicate {
                 type_url: r.type_url,
-                name: r.name,
+                name: r.name.clone(),
             });
         }
-        map.insert(r.name.clone(), Arc::new(r));
+        map.insert(r.name.clone(), r);
         Ok(self)
     }
 
