@@ -928,7 +928,18 @@ impl KubeSource {
                             fb.peer_authentications
                         },
                     };
-                    let mesh = build(&objects, &self.domain_suffix);
+                    // The rebuild is CPU work (seconds at 10k services): off the async runtime,
+                    // so xDS streams keep being served meanwhile.
+                    let suffix = self.domain_suffix.clone();
+                    let Ok((objects, mesh)) = tokio::task::spawn_blocking(move || {
+                        let mesh = build(&objects, &suffix);
+                        (objects, mesh)
+                    })
+                    .await
+                    else {
+                        warn!("Kubernetes model rebuild failed; keeping the last good model");
+                        continue;
+                    };
                     let persisted_kinds = (!from_persisted.is_empty()).then_some(from_persisted);
                     let key = (mesh, persisted_kinds);
                     if last.as_ref() == Some(&key) {
