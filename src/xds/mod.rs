@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod clients;
 pub mod delta;
+pub mod grpc;
 pub mod peertext;
 pub mod resources;
 pub mod server;

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use super::cache::{ResourceSnapshot, SnapshotCache};
 use super::clients::ClientRegistry;
 use super::delta::DeltaStream;
+use super::grpc::LeanStreams;
 use super::resources::TypeUrl;
 use super::sotw::SotwStream;
 use super::stream::{NodeInfo, RequestKind, StreamError, TypeStatus};
@@ -92,18 +93,20 @@ impl XdsServer {
         self
     }
 
-    /// The ADS service with the raised decode limit.
-    pub fn ads_service(&self) -> AggregatedDiscoveryServiceServer<XdsServer> {
-        AggregatedDiscoveryServiceServer::new(self.clone())
+    /// The ADS service with the raised decode limit and per-message response buffers.
+    pub fn ads_service(&self) -> LeanStreams<AggregatedDiscoveryServiceServer<XdsServer>> {
+        let inner = AggregatedDiscoveryServiceServer::new(self.clone())
             .max_decoding_message_size(self.max_decode)
-            .max_encoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        LeanStreams::new(inner, self.clone(), self.max_decode)
     }
 
-    /// The SDS service with the raised decode limit.
-    pub fn sds_service(&self) -> SecretDiscoveryServiceServer<XdsServer> {
-        SecretDiscoveryServiceServer::new(self.clone())
+    /// The SDS service with the raised decode limit and per-message response buffers.
+    pub fn sds_service(&self) -> LeanStreams<SecretDiscoveryServiceServer<XdsServer>> {
+        let inner = SecretDiscoveryServiceServer::new(self.clone())
             .max_decoding_message_size(self.max_decode)
-            .max_encoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX);
+        LeanStreams::new(inner, self.clone(), self.max_decode)
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
