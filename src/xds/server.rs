@@ -62,6 +62,15 @@ impl XdsServer {
         metrics: Arc<Metrics>,
         token: Option<String>,
     ) -> Self {
+        // Counters exist at zero from the start, so `rate()` and alerts see the first NACK.
+        for t in TypeUrl::PUSH_ORDER {
+            metrics.inc(
+                "winmesh_xds_nacks_total",
+                "xDS responses rejected by proxies.",
+                &[("type", t.short())],
+                0.0,
+            );
+        }
         XdsServer {
             cache,
             clients,
@@ -542,6 +551,29 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 #[cfg(test)]
 mod accept_tests {
     use super::*;
+
+    #[test]
+    fn nack_counters_exist_at_zero_from_the_start() {
+        let metrics = Arc::new(Metrics::new());
+        let (cache, _w) = crate::xds::cache::snapshot_cache();
+        let _s = XdsServer::new(
+            cache,
+            Arc::new(ClientRegistry::default()),
+            metrics.clone(),
+            None,
+        );
+        for t in TypeUrl::PUSH_ORDER {
+            assert_eq!(
+                metrics.value("winmesh_xds_nacks_total", &[("type", t.short())]),
+                Some(0.0)
+            );
+        }
+        assert!(
+            metrics
+                .render()
+                .contains("winmesh_xds_nacks_total{type=\"LDS\"} 0")
+        );
+    }
 
     #[tokio::test]
     async fn accepted_connections_get_nodelay_and_keepalive() {
