@@ -461,3 +461,41 @@ fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
         "colour codes in a piped log: {log:?}"
     );
 }
+
+/// `--log-format json` writes one JSON object per line, each with a level and a message.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let (x, d) = (free_port(), free_port());
+    let cfg = write(
+        &dir,
+        "c.yaml",
+        &format!("xds:\n  listen: 127.0.0.1:{x}\ndebug:\n  listen: 127.0.0.1:{d}\n"),
+    );
+    let mut child = winmesh()
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(&cfg)
+        .env_remove("WINMESH_LOG")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", d)).is_err() {
+        assert!(Instant::now() < deadline, "winmesh never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "nothing logged");
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string(), "no level: {l}");
+        assert!(v["fields"].is_object(), "no fields: {l}");
+    }
+    assert!(lines.iter().any(|l| l.contains("\"INFO\"")), "{log}");
+}

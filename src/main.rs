@@ -15,8 +15,23 @@ use winmesh::config::{Config, XdsMode, read_token};
     about = "xDS control plane for a stock Envoy gateway bringing Windows workloads into an Istio mesh"
 )]
 struct Cli {
+    /// Log line format on stderr: `text` (human-readable) or `json` (one JSON object per line, for
+    /// log pipelines such as Fluent Bit or a Windows container log collector).
+    #[arg(
+        long,
+        global = true,
+        env = "WINMESH_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,25 +172,27 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
 
 /// Logs to stderr. The filter comes from `WINMESH_LOG`, else the usual `RUST_LOG`, else `default`;
 /// colour only when stderr is a terminal (not in `kubectl logs` or a Windows container's log file).
-fn init_logging_with(default: &str) {
+fn init_logging_with(default: &str, format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("WINMESH_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
-fn init_logging() {
-    init_logging_with("info");
+fn init_logging(format: LogFormat) {
+    init_logging_with("info", format);
 }
 
 /// Warnings only, so the demo's own output stays readable.
-fn init_logging_quiet() {
-    init_logging_with("warn");
+fn init_logging_quiet(format: LogFormat) {
+    init_logging_with("warn", format);
 }
 
 fn main() -> ExitCode {
@@ -235,7 +252,7 @@ fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            init_logging();
+            init_logging(cli.log_format);
             runtime(async move { winmesh::serve::run(cfg).await })
         }
         Cmd::DevCa {
@@ -302,7 +319,7 @@ fn main() -> ExitCode {
             envoy,
             check,
         } => {
-            init_logging_quiet();
+            init_logging_quiet(cli.log_format);
             runtime(async move {
                 winmesh::demo::run(winmesh::demo::DemoOptions {
                     config,
