@@ -9,6 +9,21 @@ fn winmesh() -> Command {
     Command::new(env!("CARGO_BIN_EXE_winmesh"))
 }
 
+/// A plain HTTP/1.1 GET on loopback; the whole response as text.
+fn plain_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.path().join(name);
     std::fs::write(&p, text).unwrap();
@@ -186,6 +201,20 @@ fn serve_becomes_ready_and_status_talks_to_it() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&table.stdout).starts_with("NAME"));
+    // Counters a dashboard alerts on exist from the start, and the build is named.
+    let metrics = plain_get(d, "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "winmesh_build_info{{version=\"{}\",target_os=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            std::env::consts::OS
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("winmesh_xds_nacks_total{type=\"CDS\"} 0"),
+        "{metrics}"
+    );
     // The readiness check for exec probes: ready once the (empty) mesh config is published.
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

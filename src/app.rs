@@ -73,6 +73,15 @@ pub async fn start(cfg: &Config) -> anyhow::Result<(Running, SnapshotWriter)> {
     let (cache, writer) = snapshot_cache();
     let clients = ClientRegistry::new();
     let metrics = Arc::new(Metrics::new());
+    metrics.set(
+        "winmesh_build_info",
+        "Always 1; the labels say which winmesh build runs.",
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("target_os", std::env::consts::OS),
+        ],
+        1.0,
+    );
     let readiness = Readiness::new();
     let (shutdown, _) = watch::channel(false);
 
