@@ -403,6 +403,13 @@ async fn nack(mode: XdsMode) {
             .value("winmesh_xds_nacks_total", &[("type", "CDS")]),
         Some(1.0)
     );
+    // Still ready (Envoy serves its last accepted config), and the probe output says why.
+    let (code, ready) = winmesh::status::http_get(running.debug_addr, "/readyz", None)
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{ready}");
+    assert!(ready.contains("NACKed CDS"), "{ready}");
+    assert!(ready.contains("last accepted config"), "{ready}");
 
     // The last good config keeps serving.
     assert_eq!(support::get_text(&url).await, Some((200, "A".to_string())));

@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use crate::metrics::Metrics;
 use crate::xds::SnapshotCache;
 use crate::xds::clients::ClientRegistry;
+use crate::xds::stream::SyncStatus;
 
 /// A JSON view provider.
 pub type View = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -167,6 +168,24 @@ async fn readyz(State(s): State<DebugState>) -> Response {
                 ready = false;
                 body.push_str(&format!("{name}: not ready: {why}\n"));
             }
+        }
+    }
+    // A NACK leaves Envoy on its last accepted config, which still serves: like istio-agent's
+    // readiness probe (pilot/cmd/pilot-agent/status/ready/probe.go counts rejected updates as
+    // received config), it does not make the gateway unready, since taking the pod out of its
+    // Service would drop traffic that works. It is said here, so a probe's output shows it.
+    for c in s.clients.list() {
+        for t in c.types.iter().filter(|t| t.status == SyncStatus::Nacked) {
+            let version = t
+                .last_nack
+                .as_ref()
+                .map(|n| n.version.as_str())
+                .unwrap_or_default();
+            body.push_str(&format!(
+                "xds: {} NACKed {} version {version:?}; Envoy keeps its last accepted config (ready, not synced; see winmesh status)\n",
+                crate::xds::peertext::printable(&c.node_id, 128),
+                t.short,
+            ));
         }
     }
     let code = if ready {
