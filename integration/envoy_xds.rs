@@ -156,6 +156,11 @@ async fn initial_config_arrives_over_sotw_and_delta() {
             String::from_utf8_lossy(&probe.stderr)
         );
         assert!(String::from_utf8_lossy(&probe.stdout).contains("envoy: LIVE"));
+        assert!(
+            String::from_utf8_lossy(&probe.stdout).contains("envoy: config accepted"),
+            "{}",
+            String::from_utf8_lossy(&probe.stdout)
+        );
         let v = syncz(&running).await;
         let c = &v["clients"][0];
         assert_eq!(c["node_id"], format!("gw-{mode:?}"));
@@ -410,6 +415,21 @@ async fn nack(mode: XdsMode) {
     assert_eq!(code, 200, "{ready}");
     assert!(ready.contains("NACKed CDS"), "{ready}");
     assert!(ready.contains("last accepted config"), "{ready}");
+    // Envoy's own counters (1 accepted, 1 rejected CDS update) keep the probe passing, as
+    // istio-agent's probe would.
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_winmesh"))
+        .args(["status", "--ready", "--envoy", "--debug-addr"])
+        .arg(running.debug_addr.to_string())
+        .arg("--envoy-admin")
+        .arg(envoy.admin.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        probe.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&probe.stdout),
+        String::from_utf8_lossy(&probe.stderr)
+    );
 
     // The last good config keeps serving.
     assert_eq!(support::get_text(&url).await, Some((200, "A".to_string())));

@@ -170,30 +170,37 @@ async fn readyz(State(s): State<DebugState>) -> Response {
             }
         }
     }
-    // A NACK leaves Envoy on its last accepted config, which still serves: like istio-agent's
-    // readiness probe (pilot/cmd/pilot-agent/status/ready/probe.go counts rejected updates as
-    // received config), it does not make the gateway unready, since taking the pod out of its
-    // Service would drop traffic that works. It is said here, so a probe's output shows it.
-    for c in s.clients.list() {
-        for t in c.types.iter().filter(|t| t.status == SyncStatus::Nacked) {
-            let version = t
-                .last_nack
-                .as_ref()
-                .map(|n| n.version.as_str())
-                .unwrap_or_default();
-            body.push_str(&format!(
-                "xds: {} NACKed {} version {version:?}; Envoy keeps its last accepted config (ready, not synced; see winmesh status)\n",
-                crate::xds::peertext::printable(&c.node_id, 128),
-                t.short,
-            ));
-        }
-    }
+    body.push_str(&nack_lines(&s.clients.list()));
     let code = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, body).into_response()
+}
+
+/// NACKs in the readiness output. After a NACK Envoy keeps serving its last accepted config, so it
+/// does not make the gateway unready here: taking the pod out of its Service would drop traffic that
+/// still works, and a restarted winmesh cannot know what Envoy accepted before. Whether Envoy has
+/// ever accepted a CDS and LDS config is Envoy's own state, checked by `winmesh status --ready
+/// --envoy` from its stats, as istio-agent's probe does (pilot/cmd/pilot-agent/status/ready/probe.go).
+fn nack_lines(clients: &[crate::xds::clients::ClientView]) -> String {
+    let mut out = String::new();
+    for c in clients {
+        let node = crate::xds::peertext::printable(&c.node_id, 128);
+        for t in c.types.iter().filter(|t| t.status == SyncStatus::Nacked) {
+            let version = t
+                .last_nack
+                .as_ref()
+                .map(|n| n.version.as_str())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "xds: {node} NACKed {} version {version:?}; Envoy keeps its last accepted config (ready, not synced; see winmesh status)\n",
+                t.short
+            ));
+        }
+    }
+    out
 }
 
 async fn metrics(State(s): State<DebugState>, headers: HeaderMap) -> Response {
@@ -323,5 +330,53 @@ async fn view(
     match v {
         Some(f) => json_off_runtime(move || f()).await,
         None => (StatusCode::NOT_FOUND, format!("no debug view {name:?}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::clients::ClientView;
+    use crate::xds::stream::{NackRecord, SubscribedNames, TypeStatus};
+
+    fn client(short: &'static str, acked: Option<&str>) -> ClientView {
+        ClientView {
+            connection_id: 1,
+            node_id: "gw~1".into(),
+            cluster: String::new(),
+            envoy_version: String::new(),
+            peer: None,
+            connected_since: std::time::SystemTime::now(),
+            service: "ADS",
+            mode: "SotW",
+            types: vec![TypeStatus {
+                type_url: "",
+                short,
+                subscribed: SubscribedNames {
+                    wildcard: true,
+                    names: Arc::default(),
+                },
+                wildcard: true,
+                version_sent: Some("v2".into()),
+                version_acked: acked.map(Into::into),
+                nonce_sent: Some("2".into()),
+                status: SyncStatus::Nacked,
+                responses_sent: 2,
+                nacks: 1,
+                last_nack: Some(NackRecord {
+                    version: "v2".into(),
+                    message: "bad".into(),
+                    code: 3,
+                    at: std::time::SystemTime::now(),
+                }),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_nack_is_named_in_the_readiness_output() {
+        let text = nack_lines(&[client("LDS", Some("v1"))]);
+        assert!(text.contains("gw~1 NACKed LDS version \"v2\""), "{text}");
+        assert!(nack_lines(&[]).is_empty());
     }
 }

@@ -366,6 +366,19 @@ fn main() -> ExitCode {
                         if code != 200 || state.trim() != "LIVE" {
                             anyhow::bail!("Envoy is not LIVE ({code} {})", state.trim());
                         }
+                        let (code, stats) = winmesh::status::http_get(
+                            admin,
+                            winmesh::status::CONFIG_STATS_PATH,
+                            None,
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("Envoy admin {admin}: {e}"))?;
+                        if code != 200 {
+                            anyhow::bail!("Envoy admin {admin} /stats answered {code}");
+                        }
+                        winmesh::status::envoy_config_status(&stats)
+                            .map_err(|e| anyhow::anyhow!("Envoy: {e}"))?;
+                        println!("envoy: config accepted (CDS and LDS)");
                     }
                     Ok(())
                 });

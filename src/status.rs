@@ -120,10 +120,76 @@ pub fn render_table(syncz: &Value) -> String {
     out
 }
 
+/// The admin `/stats` query for [`envoy_config_status`].
+pub const CONFIG_STATS_PATH: &str = "/stats?filter=update_";
+
+/// Whether Envoy has accepted a first CDS and LDS config, decided from its own counters the way
+/// istio-agent's readiness probe does (pilot/cmd/pilot-agent/status/ready/probe.go,
+/// `checkConfigStatus`). The counters live as long as the Envoy process, so a restarted winmesh
+/// does not forget that Envoy already runs a good config.
+pub fn envoy_config_status(stats: &str) -> Result<(), String> {
+    let mut v = [0u64; 4];
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let i = match name.trim() {
+            "cluster_manager.cds.update_success" => 0,
+            "cluster_manager.cds.update_rejected" => 1,
+            "listener_manager.lds.update_success" => 2,
+            "listener_manager.lds.update_rejected" => 3,
+            _ => continue,
+        };
+        v[i] = value.trim().parse().unwrap_or(0);
+    }
+    let [cds_ok, cds_rej, lds_ok, lds_rej] = v;
+    let counts = format!(
+        "cds updates: {cds_ok} successful, {cds_rej} rejected; lds updates: {lds_ok} successful, {lds_rej} rejected"
+    );
+    match (cds_ok > 0, lds_ok > 0) {
+        (true, true) => Ok(()),
+        (false, false) if cds_rej == 0 && lds_rej == 0 => Err(format!(
+            "config not received from winmesh (is it serving this node?): {counts}"
+        )),
+        _ if cds_rej > 0 || lds_rej > 0 => Err(format!(
+            "config received from winmesh, but was rejected: {counts}"
+        )),
+        _ => Err(format!("config not fully received from winmesh: {counts}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The cases of istio-agent's own probe test, with its decisions.
+    #[test]
+    fn envoy_config_status_decides_as_istio_agent_does() {
+        let ok = "cluster_manager.cds.update_success: 1\nlistener_manager.lds.update_success: 1\n";
+        assert_eq!(envoy_config_status(ok), Ok(()));
+        // After a first success, later rejections do not matter.
+        let later = "cluster_manager.cds.update_success: 3\ncluster_manager.cds.update_rejected: 2\nlistener_manager.lds.update_success: 1\n";
+        assert_eq!(envoy_config_status(later), Ok(()));
+        let rejected =
+            "cluster_manager.cds.update_rejected: 1\nlistener_manager.lds.update_success: 1\n";
+        assert!(
+            envoy_config_status(rejected)
+                .unwrap_err()
+                .contains("but was rejected")
+        );
+        let only_cds = "cluster_manager.cds.update_success: 1\n";
+        assert!(
+            envoy_config_status(only_cds)
+                .unwrap_err()
+                .contains("not fully received")
+        );
+        assert!(
+            envoy_config_status("")
+                .unwrap_err()
+                .contains("config not received")
+        );
+    }
 
     #[test]
     fn table_has_a_row_per_client_and_a_column_per_type() {
