@@ -56,8 +56,19 @@ compat: envoy
 	    timeout 300 $(CARGO) test --test gateway both_directions -- --test-threads 2; \
 	done
 
+## The Windows build, and proof that winmesh.exe needs nothing but Windows' own DLLs (no MinGW
+## runtime such as libgcc_s or libwinpthread to ship next to it).
 windows:
 	$(CARGO) build --release --target $(WINDOWS_TARGET)
+	@exe=target/$(WINDOWS_TARGET)/release/winmesh.exe; \
+	command -v x86_64-w64-mingw32-objdump >/dev/null || { echo "x86_64-w64-mingw32-objdump missing: apt-get install binutils-mingw-w64-x86-64" >&2; exit 1; }; \
+	dlls=$$(x86_64-w64-mingw32-objdump -p $$exe | sed -n 's/^[[:space:]]*DLL Name: //p' | tr 'A-Z' 'a-z' | sort -u); \
+	[ -n "$$dlls" ] || { echo "$$exe: no DLL imports found (not a PE file?)" >&2; exit 1; }; \
+	bad=""; for d in $$dlls; do case "$$d" in \
+	  kernel32.dll|ntdll.dll|advapi32.dll|userenv.dll|ws2_32.dll|bcrypt.dll|bcryptprimitives.dll|crypt32.dll|secur32.dll|msvcrt.dll|ucrtbase.dll|iphlpapi.dll|shell32.dll|ole32.dll|oleaut32.dll|user32.dll|api-ms-win-*) ;; \
+	  *) bad="$$bad $$d" ;; esac; done; \
+	if [ -n "$$bad" ]; then echo "$$exe imports DLLs that are not part of Windows:$$bad" >&2; exit 1; fi; \
+	echo "$$exe imports only Windows system DLLs:" $$dlls
 
 ## Everything CI checks: formatting, lints, unit and real-Envoy tests, the Windows build.
 test: fmt-check clippy unit integration compat windows
