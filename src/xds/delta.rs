@@ -19,7 +19,7 @@ use super::cache::{Content, Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
 use super::sotw::{remember_node, resolve_type};
 use super::stream::{
-    NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
+    Desired, NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
 };
 use super::wire::{WireAny, WireControlPlane, WireDeltaDiscoveryResponse, WireResource};
 
@@ -156,10 +156,8 @@ struct TypeState {
     last_nack: Option<NackRecord>,
     responses: u64,
     nacks: u64,
-    /// What the subscription selects from the snapshot (see `sotw::select`).
-    desired: Arc<Content>,
-    desired_for: Option<(u64, u64)>,
-    covers: Option<(u64, u64)>,
+    /// What the subscription selects from the snapshot.
+    desired: Desired,
 }
 
 /// One delta stream.
@@ -209,15 +207,9 @@ impl DeltaStream {
             return;
         };
         let st = &mut self.types[t.index()];
-        if !st.requested {
-            return;
+        if st.requested {
+            st.desired.refresh(snap, t, &st.sub);
         }
-        let key = (snap.generation(), st.sub.epoch);
-        if st.desired_for == Some(key) && key.0 != 0 {
-            return;
-        }
-        st.desired_for = Some(key);
-        st.desired = super::sotw::select(snap, t, &st.sub, &mut st.covers);
     }
 
     pub fn handle_request(
@@ -245,7 +237,7 @@ impl DeltaStream {
             st.known = Held::claimed(&req.initial_resource_versions);
             st.acked = st.known.clone();
             st.in_step = true;
-            st.desired_for = None;
+            st.desired.invalidate();
             if !req.initial_resource_versions.is_empty() {
                 let v = st.known.digest();
                 st.sent_version = Some(v.clone());
@@ -333,7 +325,7 @@ impl DeltaStream {
             if st.pending.is_some() {
                 return false;
             }
-            let desired = &st.desired;
+            let desired = &st.desired.content;
             if st.acked.is(desired) {
                 return true;
             }
@@ -349,7 +341,7 @@ impl DeltaStream {
     /// Resources to update and names to remove for type `t` right now.
     fn changes(&self, t: TypeUrl) -> (Vec<Arc<Resource>>, Vec<String>, Vec<String>) {
         let st = &self.types[t.index()];
-        let desired = &st.desired;
+        let desired = &st.desired.content;
         let in_sync = st.known.is(desired);
         let updates: Vec<Arc<Resource>> = if in_sync {
             Vec::new()
@@ -384,7 +376,7 @@ impl DeltaStream {
         let all_exist = self
             .snapshot
             .as_ref()
-            .is_some_and(|s| st.covers == Some((s.name_set(t), st.sub.epoch)));
+            .is_some_and(|s| st.desired.covers_all(s, t, &st.sub));
         if t == TypeUrl::Secret || all_exist {
             return (updates, removed, Vec::new());
         }
@@ -449,12 +441,12 @@ impl DeltaStream {
             // What the client holds after this response: everything desired, plus what it keeps
             // because its removal is held back (or it is an awaited secret).
             let mut after = Held {
-                base: st.desired.clone(),
+                base: st.desired.content.clone(),
                 overlay: BTreeMap::new(),
             };
             let gone: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
             for n in st.known.names() {
-                if !st.desired.contains_key(n)
+                if !st.desired.content.contains_key(n)
                     && !gone.contains(n)
                     && let Some(v) = st.known.version(n)
                 {

@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use super::cache::{Content, Resource, ResourceSnapshot};
 use super::resources::TypeUrl;
 use super::stream::{
-    NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
+    Desired, NackRecord, NodeInfo, RequestKind, StreamError, Subscription, SyncStatus, TypeStatus,
 };
 use super::wire::{WireAny, WireControlPlane, WireDiscoveryResponse};
 
@@ -52,14 +52,8 @@ struct TypeState {
     responses: u64,
     nacks: u64,
     /// What the subscription selects from the current snapshot (before make-before-break
-    /// retention). Recomputed only when the snapshot or the subscription changes; usually the
-    /// snapshot's own map.
-    desired: Arc<Content>,
-    /// (snapshot generation, subscription epoch) `desired` was computed for.
-    desired_for: Option<(u64, u64)>,
-    /// Name-set id of a snapshot whose names the subscription lists exactly (see
-    /// `ResourceSnapshot::name_set`): the next snapshot with that id is covered without lookups.
-    covers: Option<(u64, u64)>,
+    /// retention).
+    desired: Desired,
 }
 
 /// One SotW stream.
@@ -111,15 +105,9 @@ impl SotwStream {
             return;
         };
         let st = &mut self.types[t.index()];
-        if !st.requested {
-            return;
+        if st.requested {
+            st.desired.refresh(snap, t, &st.sub);
         }
-        let key = (snap.generation(), st.sub.epoch);
-        if st.desired_for == Some(key) && st.desired_for.is_some_and(|(g, _)| g != 0) {
-            return;
-        }
-        st.desired_for = Some(key);
-        st.desired = select(snap, t, &st.sub, &mut st.covers);
     }
 
     /// Applies one request. Returns the type it was for and what it meant.
@@ -139,7 +127,7 @@ impl SotwStream {
             st.force = true;
         }
         if first {
-            st.desired_for = None;
+            st.desired.invalidate();
         }
         self.refresh(t);
         let st = &mut self.types[t.index()];
@@ -183,7 +171,7 @@ impl SotwStream {
         // Make-before-break: a cluster that disappeared stays while the proxy still runs listeners or
         // routes that may point at it.
         if t == TypeUrl::Cluster
-            && !Arc::ptr_eq(&st.acked, &st.desired)
+            && !Arc::ptr_eq(&st.acked, &st.desired.content)
             && !self.routing_converged()
             && let Some(snap) = &self.snapshot
         {
@@ -191,20 +179,20 @@ impl SotwStream {
                 .acked
                 .iter()
                 .filter(|(name, _)| {
-                    !st.desired.contains_key(*name)
+                    !st.desired.content.contains_key(*name)
                         && !snap.resources(t).contains_key(*name)
                         && st.sub.wants(name)
                 })
                 .collect();
             if !kept.is_empty() {
-                let mut out = (*st.desired).clone();
+                let mut out = (*st.desired.content).clone();
                 for (name, r) in kept {
                     out.insert(name.clone(), r.clone());
                 }
                 return Arc::new(out);
             }
         }
-        st.desired.clone()
+        st.desired.content.clone()
     }
 
     /// True when the proxy has ACKed the current listeners and routes.
@@ -217,7 +205,7 @@ impl SotwStream {
             if st.pending.is_some() {
                 return false;
             }
-            let desired = &st.desired;
+            let desired = &st.desired.content;
             if Arc::ptr_eq(desired, &st.acked) {
                 return true;
             }
@@ -404,39 +392,6 @@ impl SotwStream {
     }
 }
 
-/// What `sub` selects of type `t` in `snap`. Shares the snapshot's map whenever the selection is
-/// all of it (a wildcard, or names that list exactly the snapshot's names), which `covers`
-/// remembers per name set so the common case costs no lookups at all.
-pub(crate) fn select(
-    snap: &ResourceSnapshot,
-    t: TypeUrl,
-    sub: &Subscription,
-    covers: &mut Option<(u64, u64)>,
-) -> Arc<Content> {
-    let all = snap.shared(t);
-    if sub.wildcard {
-        return all.clone();
-    }
-    if sub.names.is_empty() {
-        return Arc::default();
-    }
-    let key = (snap.name_set(t), sub.epoch);
-    if *covers == Some(key) {
-        return all.clone();
-    }
-    if sub.names.len() == all.len() && all.keys().all(|k| sub.names.contains(k)) {
-        *covers = Some(key);
-        return all.clone();
-    }
-    let mut out = Content::new();
-    for n in sub.names.iter() {
-        if let Some(r) = all.get(n) {
-            out.insert(n.clone(), r.clone());
-        }
-    }
-    Arc::new(out)
-}
-
 /// The first request of a stream must carry the node; later ones may omit it
 /// (`set_node_on_first_message_only`).
 pub(crate) fn remember_node(
@@ -519,7 +474,7 @@ mod sharing_tests {
                 "{t} acked is shared"
             );
             assert!(
-                Arc::ptr_eq(&st.desired, snap.shared(t)),
+                Arc::ptr_eq(&st.desired.content, snap.shared(t)),
                 "{t} desired is shared"
             );
         }

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use serde::Serialize;
 
+use super::cache::{Content, ResourceSnapshot};
 use super::resources::TypeUrl;
 
 /// Which proxy a stream serves, taken from the first request.
@@ -332,4 +333,71 @@ mod tests {
         s.apply_delta(TypeUrl::Listener, false, &[], &[]);
         assert!(!s.wildcard);
     }
+}
+
+/// One type's wanted resources for one stream. Rebuilt only when the snapshot or the subscription
+/// changed, and usually the snapshot's own map, so both stream machines keep a pointer, not a copy.
+#[derive(Debug, Default)]
+pub(crate) struct Desired {
+    pub content: Arc<Content>,
+    /// (snapshot generation, subscription epoch) `content` was computed for.
+    built_for: Option<(u64, u64)>,
+    /// Name-set id of a snapshot whose names the subscription lists exactly (see
+    /// `ResourceSnapshot::name_set`): the next snapshot with that id is covered without lookups.
+    covers: Option<(u64, u64)>,
+}
+
+impl Desired {
+    pub fn refresh(&mut self, snap: &ResourceSnapshot, t: TypeUrl, sub: &Subscription) {
+        let key = (snap.generation(), sub.epoch);
+        // Generation 0 is a snapshot that was never published (tests build them): not a stable key.
+        if self.built_for == Some(key) && key.0 != 0 {
+            return;
+        }
+        self.built_for = Some(key);
+        self.content = select(snap, t, sub, &mut self.covers);
+    }
+
+    /// Forces the next `refresh` to recompute (a type's first request).
+    pub fn invalidate(&mut self) {
+        self.built_for = None;
+    }
+
+    /// True when the subscription names exactly the snapshot's resources of type `t`.
+    pub fn covers_all(&self, snap: &ResourceSnapshot, t: TypeUrl, sub: &Subscription) -> bool {
+        self.covers == Some((snap.name_set(t), sub.epoch))
+    }
+}
+
+/// What `sub` selects of type `t` in `snap`. Shares the snapshot's map whenever the selection is
+/// all of it (a wildcard, or names that list exactly the snapshot's names), which `covers`
+/// remembers per name set so the common case costs no lookups at all.
+fn select(
+    snap: &ResourceSnapshot,
+    t: TypeUrl,
+    sub: &Subscription,
+    covers: &mut Option<(u64, u64)>,
+) -> Arc<Content> {
+    let all = snap.shared(t);
+    if sub.wildcard {
+        return all.clone();
+    }
+    if sub.names.is_empty() {
+        return Arc::default();
+    }
+    let key = (snap.name_set(t), sub.epoch);
+    if *covers == Some(key) {
+        return all.clone();
+    }
+    if sub.names.len() == all.len() && all.keys().all(|k| sub.names.contains(k)) {
+        *covers = Some(key);
+        return all.clone();
+    }
+    let mut out = Content::new();
+    for n in sub.names.iter() {
+        if let Some(r) = all.get(n) {
+            out.insert(n.clone(), r.clone());
+        }
+    }
+    Arc::new(out)
 }
