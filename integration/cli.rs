@@ -456,9 +456,9 @@ fn bootstrap_output_with_a_token_is_owner_only() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
-/// `RUST_LOG` is honoured (as `WINMESH_LOG` is) and logs written to a pipe carry no colour codes.
-#[test]
-fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
+/// Runs `winmesh [global] serve` with `env` (`None` removes a variable) until it listens, stops it,
+/// and returns what it logged to a pipe.
+fn serve_logs(global: &[&str], env: &[(&str, Option<&str>)]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let (x, d) = (free_port(), free_port());
     let cfg = write(
@@ -466,16 +466,19 @@ fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
         "c.yaml",
         &format!("xds:\n  listen: 127.0.0.1:{x}\ndebug:\n  listen: 127.0.0.1:{d}\n"),
     );
-    let mut child = winmesh()
-        .args(["serve", "--config"])
-        .arg(&cfg)
-        .env_remove("WINMESH_LOG")
-        .env("RUST_LOG", "debug")
+    let mut cmd = winmesh();
+    cmd.args(global).args(["serve", "--config"]).arg(&cfg);
+    for (k, v) in env {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait until it listens, then stop it and read what it logged.
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(("127.0.0.1", d)).is_err() {
         assert!(Instant::now() < deadline, "winmesh never listened");
@@ -483,7 +486,13 @@ fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
     }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `RUST_LOG` is honoured (as `WINMESH_LOG` is) and logs written to a pipe carry no colour codes.
+#[test]
+fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
+    let log = serve_logs(&[], &[("WINMESH_LOG", None), ("RUST_LOG", Some("debug"))]);
     assert!(log.contains("DEBUG"), "RUST_LOG=debug ignored: {log}");
     assert!(
         !log.contains('\x1b'),
@@ -494,30 +503,10 @@ fn rust_log_is_honoured_and_piped_logs_have_no_ansi_colours() {
 /// `--log-format json` writes one JSON object per line, each with a level and a message.
 #[test]
 fn json_logs_are_one_object_per_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let (x, d) = (free_port(), free_port());
-    let cfg = write(
-        &dir,
-        "c.yaml",
-        &format!("xds:\n  listen: 127.0.0.1:{x}\ndebug:\n  listen: 127.0.0.1:{d}\n"),
+    let log = serve_logs(
+        &["--log-format", "json"],
+        &[("WINMESH_LOG", None), ("RUST_LOG", None)],
     );
-    let mut child = winmesh()
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&cfg)
-        .env_remove("WINMESH_LOG")
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", d)).is_err() {
-        assert!(Instant::now() < deadline, "winmesh never listened");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(!lines.is_empty(), "nothing logged");
     for l in &lines {

@@ -120,6 +120,17 @@ fn bin() -> Option<PathBuf> {
     support::envoy_bin()
 }
 
+/// `winmesh status --ready --envoy` against this winmesh and this Envoy, as the pod's probe runs it.
+fn ready_probe(running: &Running, envoy: &support::Envoy) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_winmesh"))
+        .args(["status", "--ready", "--envoy", "--debug-addr"])
+        .arg(running.debug_addr.to_string())
+        .arg("--envoy-admin")
+        .arg(envoy.admin.to_string())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_config_arrives_over_sotw_and_delta() {
     support::init_tracing();
@@ -140,16 +151,7 @@ async fn initial_config_arrives_over_sotw_and_delta() {
         wait_body(&envoy, &url, "backend-a").await;
         wait_synced(&running, &envoy, &["CDS", "EDS", "LDS", "RDS"]).await;
         // The probe command sees both winmesh and Envoy ready.
-        let probe = std::process::Command::new(env!("CARGO_BIN_EXE_winmesh"))
-            .arg("status")
-            .arg("--ready")
-            .arg("--envoy")
-            .arg("--debug-addr")
-            .arg(running.debug_addr.to_string())
-            .arg("--envoy-admin")
-            .arg(envoy.admin.to_string())
-            .output()
-            .unwrap();
+        let probe = ready_probe(&running, &envoy);
         assert!(
             probe.status.success(),
             "{}",
@@ -417,13 +419,7 @@ async fn nack(mode: XdsMode) {
     assert!(ready.contains("last accepted config"), "{ready}");
     // Envoy's own counters (1 accepted, 1 rejected CDS update) keep the probe passing, as
     // istio-agent's probe would.
-    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_winmesh"))
-        .args(["status", "--ready", "--envoy", "--debug-addr"])
-        .arg(running.debug_addr.to_string())
-        .arg("--envoy-admin")
-        .arg(envoy.admin.to_string())
-        .output()
-        .unwrap();
+    let probe = ready_probe(&running, &envoy);
     assert!(
         probe.status.success(),
         "{}{}",
