@@ -71,6 +71,7 @@ fn main() {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "127.0.0.1".parse().unwrap(),
             outbound_port: 15001,
+            refuse_unknown_callers: false,
         },
         reserved: vec![],
     };
@@ -201,7 +202,10 @@ fn main() {
     for n in [100usize, 1_000, 10_000] {
         let objects = kube_objects(n);
         let t = Instant::now();
-        let km = winmesh::discovery::kube::build(&objects, "cluster.local");
+        let km = winmesh::discovery::kube::build(
+            &objects,
+            &winmesh::discovery::kube::MirrorSettings::new("cluster.local"),
+        );
         let build_t = t.elapsed();
         assert_eq!(km.services.len(), n);
         let t = Instant::now();

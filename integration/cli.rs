@@ -301,6 +301,7 @@ fn manifests_carry_a_valid_config_and_mesh_file() {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "0.0.0.0".parse().unwrap(),
             outbound_port: 15001,
+            refuse_unknown_callers: false,
         },
         reserved: vec![],
     };

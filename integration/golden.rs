@@ -31,6 +31,7 @@ fn translate_file(path: &Path, via: SecretsVia) -> Translated {
             inbound_address: "0.0.0.0".parse().unwrap(),
             outbound_address: "127.0.0.1".parse().unwrap(),
             outbound_port: 15001,
+            refuse_unknown_callers: false,
         },
         reserved: vec![],
     };

@@ -2,6 +2,7 @@
 //! every error names the offending field (and the line, where the parser knows it), and the CLI exits
 //! with code 2 on any of them, so a broken file never starts a half-configured server.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -120,6 +121,8 @@ pub struct KubernetesConfig {
     /// Where the last complete mirrored objects are persisted (relative to this config file), so a
     /// restart during an API outage serves them instead of less. Empty string: do not persist.
     pub state_file: Option<PathBuf>,
+    /// Windows services from opted-in Kubernetes Services (docs/kubernetes.md).
+    pub windows: KubeWindowsConfig,
 }
 
 impl Default for KubernetesConfig {
@@ -131,6 +134,92 @@ impl Default for KubernetesConfig {
             debounce_max: Duration::from_secs(1),
             sync_timeout: Duration::from_secs(30),
             state_file: Some(PathBuf::from(".state/kubernetes-mirror.json")),
+            windows: KubeWindowsConfig::default(),
+        }
+    }
+}
+
+/// What a caller whose source address is no known Windows pod gets on the shared outbound port.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownCallers {
+    /// The gateway's own identity (the only choice without pod addresses, e.g. in local mode).
+    Gateway,
+    /// Connection refused: only the Windows pods of opted-in services may call into the mesh.
+    Refuse,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubeWindowsConfig {
+    /// Turn Services labelled `winmesh.io/expose: "true"` into Windows services.
+    pub enabled: bool,
+    /// The mesh-facing gateway port every such service shares (SNI tells them apart); the
+    /// mesh-facing Services point their target ports at it.
+    pub gateway_port: u16,
+    /// This gateway's node (`spec.nodeName` via the downward API). Empty: `$NODE_NAME`; unset
+    /// there too: every backend counts as local (single-node and local testing).
+    pub node_name: String,
+    /// Default for services without the `winmesh.io/cross-node` annotation: fail over to pods on
+    /// other nodes (the plaintext hop then leaves the node) when none on this node is healthy.
+    pub cross_node: bool,
+    /// Callers on the shared outbound port that are not a known Windows pod of this node.
+    pub unknown_callers: UnknownCallers,
+    /// Mint each Windows app's istiod token with the TokenRequest API (audience `istio-ca`)
+    /// instead of reading token files.
+    pub mint_tokens: bool,
+    /// Lifetime asked for minted tokens (Kubernetes' minimum is 10 minutes).
+    #[serde(with = "duration_str")]
+    pub token_ttl: Duration,
+    /// Writing the mesh-facing Services and EndpointSlices (one elected winmesh does it).
+    pub publish: PublishConfig,
+}
+
+impl Default for KubeWindowsConfig {
+    fn default() -> Self {
+        KubeWindowsConfig {
+            enabled: true,
+            gateway_port: 15443,
+            node_name: String::new(),
+            cross_node: false,
+            unknown_callers: UnknownCallers::Gateway,
+            mint_tokens: false,
+            token_ttl: Duration::from_secs(3600),
+            publish: PublishConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    pub enabled: bool,
+    /// Namespace of the gateway pods and of the election Lease. Empty: `$POD_NAMESPACE`, else
+    /// `identity.namespace`.
+    pub namespace: String,
+    /// Labels selecting the gateway pods (in `namespace`) that the mesh-facing EndpointSlices list.
+    pub gateway_selector: BTreeMap<String, String>,
+    /// Name of the Lease (coordination.k8s.io/v1) that elects the one writer.
+    pub lease_name: String,
+    /// This winmesh's name in the election. Empty: `$POD_NAME`, else the host name.
+    pub identity: String,
+    #[serde(with = "duration_str")]
+    pub lease_duration: Duration,
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        PublishConfig {
+            enabled: false,
+            namespace: String::new(),
+            gateway_selector: [(
+                "app.kubernetes.io/name".to_string(),
+                "winmesh-gateway".to_string(),
+            )]
+            .into(),
+            lease_name: "winmesh-publisher".into(),
+            identity: String::new(),
+            lease_duration: Duration::from_secs(15),
         }
     }
 }
@@ -745,6 +834,46 @@ impl Config {
             return Err(err(
                 "mesh.kubernetes.debounce",
                 "must not exceed mesh.kubernetes.debounce_max".into(),
+            ));
+        }
+        let w = &k.windows;
+        if w.gateway_port == 0 {
+            return Err(err(
+                "mesh.kubernetes.windows.gateway_port",
+                "must be a port number".into(),
+            ));
+        }
+        if k.enabled && w.enabled {
+            for (what, port) in [
+                ("the outbound HTTP port", self.gateway.outbound_port),
+                ("the Envoy admin port", self.envoy.admin.port()),
+                ("the xDS port", self.xds.listen.port()),
+                ("the debug port", self.debug.listen.port()),
+            ] {
+                if port == w.gateway_port {
+                    return Err(err(
+                        "mesh.kubernetes.windows.gateway_port",
+                        format!("{} is {what}", w.gateway_port),
+                    ));
+                }
+            }
+        }
+        if w.token_ttl < Duration::from_secs(600) {
+            return Err(err(
+                "mesh.kubernetes.windows.token_ttl",
+                "Kubernetes mints tokens for at least 10m".into(),
+            ));
+        }
+        if w.publish.enabled && w.publish.gateway_selector.is_empty() {
+            return Err(err(
+                "mesh.kubernetes.windows.publish.gateway_selector",
+                "must select the gateway pods (an empty selector would list every pod)".into(),
+            ));
+        }
+        if w.publish.lease_duration < Duration::from_secs(2) {
+            return Err(err(
+                "mesh.kubernetes.windows.publish.lease_duration",
+                "must be at least 2s".into(),
             ));
         }
         if let Some(f) = &self.mesh.file

@@ -213,6 +213,50 @@ pub struct WindowsPort {
     pub target_port: u16,
 }
 
+/// One Windows pod (or address) behind a Windows service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowsBackend {
+    pub address: IpAddr,
+    /// The app's port per service port name (resolved named target ports, from the app Service's
+    /// EndpointSlices); a missing name uses the port's `target_port`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u16>,
+    /// On another node: used only when no backend on this node is healthy (Envoy priority 1), and
+    /// only when the service allows crossing nodes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
+}
+
+impl WindowsBackend {
+    pub fn local(address: IpAddr) -> WindowsBackend {
+        WindowsBackend {
+            address,
+            ports: BTreeMap::new(),
+            remote: false,
+        }
+    }
+
+    pub fn port_for(&self, p: &WindowsPort) -> u16 {
+        self.ports.get(&p.name).copied().unwrap_or(p.target_port)
+    }
+}
+
+/// Where a Windows service came from, when not from the mesh file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WindowsOrigin {
+    /// The opted-in app Service (`namespace/name`) whose EndpointSlices give the backends.
+    pub app_service: String,
+    /// Labels of the app's pods (AuthorizationPolicy `selector`s match them).
+    pub pod_labels: Vec<BTreeMap<String, String>>,
+    /// Addresses of the app's pods on this node: their calls into the mesh leave with the
+    /// service's identity (matched by source address on the shared outbound listener).
+    pub local_pod_ips: Vec<IpAddr>,
+    /// Why the service has no usable backend, if so (shown in `/debug/registryz`; the gateway
+    /// answers 503 for it meanwhile).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+}
+
 /// A Windows service exposed to the mesh through the gateway.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct WindowsService {
@@ -221,14 +265,17 @@ pub struct WindowsService {
     /// The mesh-facing host name Linux clients use.
     pub host: String,
     pub ports: Vec<WindowsPort>,
-    /// Windows backend addresses (plain HTTP/TCP inside the node).
-    pub backends: Vec<IpAddr>,
+    /// Windows backends (plain HTTP/TCP inside the node).
+    pub backends: Vec<WindowsBackend>,
     /// Identity the gateway presents for this service; `None` = the gateway's own (`default`).
     pub identity: Option<SpiffeId>,
     /// A Windows-facing HTTP proxy port for this Windows app's own calls into the mesh: requests on it
     /// leave with this service's `identity` instead of the gateway's, so Linux AuthorizationPolicies
     /// can tell Windows apps apart.
     pub outbound_port: Option<u16>,
+    /// Set for services mirrored from Kubernetes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<WindowsOrigin>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -327,12 +374,42 @@ pub struct Rule {
 pub struct AuthorizationPolicy {
     pub name: String,
     pub namespace: String,
-    /// Windows service names in `namespace` it applies to; empty = every Windows service there.
+    /// Windows service names in `namespace` it applies to; empty = every Windows service there
+    /// (unless `selector` or `target_services` says otherwise).
     pub services: Vec<String>,
+    /// A Kubernetes policy's `selector.matchLabels`: it applies to a Windows service when it
+    /// matches the labels of any of the service's pods (applying a policy to more of a service
+    /// than Istio would never widens access: an ALLOW restricts, a DENY denies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
+    /// A Kubernetes policy's `targetRefs` to Services (`namespace/name`): the app Services (or the
+    /// mesh-facing Services) of the Windows services it applies to.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub target_services: Vec<String>,
     pub action: Action,
     /// `provider.name` of a CUSTOM policy.
     pub provider: Option<String>,
     pub rules: Vec<Rule>,
+}
+
+impl AuthorizationPolicy {
+    /// Whether the policy selects `svc` (its namespace is checked by [`Mesh::policies_for`]).
+    pub fn applies_to(&self, svc: &WindowsService) -> bool {
+        if !self.target_services.is_empty() {
+            let mesh_name = format!("{}/{}", svc.namespace, svc.name);
+            return self.target_services.iter().any(|t| {
+                *t == mesh_name || svc.origin.as_ref().is_some_and(|o| o.app_service == *t)
+            });
+        }
+        if let Some(sel) = &self.selector {
+            let labels = svc.origin.as_ref().map(|o| o.pod_labels.as_slice());
+            return labels
+                .unwrap_or(&[])
+                .iter()
+                .any(|l| sel.iter().all(|(k, v)| l.get(k) == Some(v)));
+        }
+        self.services.is_empty() || self.services.contains(&svc.name)
+    }
 }
 
 /// Gateway listener addresses.
@@ -344,6 +421,9 @@ pub struct GatewaySettings {
     pub outbound_address: IpAddr,
     /// Port of the Windows-facing HTTP listener.
     pub outbound_port: u16,
+    /// On the shared outbound port, refuse callers whose source address is no known Windows pod
+    /// (instead of letting them call as the gateway).
+    pub refuse_unknown_callers: bool,
 }
 
 impl GatewaySettings {
@@ -370,6 +450,24 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// A mesh with nothing in it (trust domain `cluster.local`, root namespace `istio-system`).
+    pub fn empty_for_tests() -> Mesh {
+        Mesh {
+            trust_domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            gateway: GatewaySettings {
+                inbound_address: IpAddr::from([127, 0, 0, 1]),
+                outbound_address: IpAddr::from([127, 0, 0, 1]),
+                outbound_port: 15001,
+                refuse_unknown_callers: false,
+            },
+            services: vec![],
+            windows_services: vec![],
+            peer_authentications: vec![],
+            authorization_policies: vec![],
+        }
+    }
+
     /// The effective PeerAuthentication mode of a workload in `namespace` listening on `port` (its
     /// endpoint port), for a workload without labels. See [`Mesh::effective_mtls_for`].
     pub fn effective_mtls(&self, namespace: &str, port: u16) -> MtlsMode {
@@ -436,7 +534,7 @@ impl Mesh {
     ) -> impl Iterator<Item = &'a AuthorizationPolicy> + 'a {
         self.authorization_policies.iter().filter(move |p| {
             (p.namespace == svc.namespace || p.namespace == self.root_namespace)
-                && (p.services.is_empty() || p.services.contains(&svc.name))
+                && p.applies_to(svc)
         })
     }
 

@@ -276,7 +276,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         let (kube_tx, kube_rx) = watch::channel(crate::discovery::kube::KubeState::default());
         let source = crate::discovery::kube::KubeSource {
             client,
-            domain_suffix: cfg.mesh.domain_suffix.clone(),
+            settings: crate::discovery::kube::MirrorSettings::from_config(&cfg),
             debounce: k.debounce,
             debounce_max: k.debounce_max,
             metrics: metrics.clone(),

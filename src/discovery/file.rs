@@ -359,6 +359,7 @@ impl FileSettings {
                 inbound_address: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 outbound_address: std::net::Ipv4Addr::LOCALHOST.into(),
                 outbound_port: 15001,
+                refuse_unknown_callers: false,
             },
             reserved: vec![],
         }
@@ -374,6 +375,9 @@ impl FileSettings {
                 inbound_address: cfg.gateway.inbound_address,
                 outbound_address: cfg.gateway.outbound_address,
                 outbound_port: cfg.gateway.outbound_port,
+                refuse_unknown_callers: cfg.mesh.kubernetes.enabled
+                    && cfg.mesh.kubernetes.windows.unknown_callers
+                        == crate::config::UnknownCallers::Refuse,
             },
             reserved: cfg
                 .reserved_ports()
@@ -643,9 +647,10 @@ fn windows_service(d: WindowsServiceDoc, s: &FileSettings) -> Result<WindowsServ
         namespace: d.namespace,
         host,
         ports,
-        backends: d.backends,
+        backends: d.backends.into_iter().map(WindowsBackend::local).collect(),
         identity,
         outbound_port: d.outbound_port,
+        origin: None,
     })
 }
 
@@ -667,11 +672,9 @@ fn check_principal(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
-    check_name("name", &d.name)?;
-    check_name("namespace", &d.namespace)?;
+fn rules(docs: Vec<RuleDoc>) -> Result<Vec<Rule>, String> {
     let mut rules = Vec::new();
-    for (i, r) in d.rules.into_iter().enumerate() {
+    for (i, r) in docs.into_iter().enumerate() {
         let mut from = Vec::new();
         for f in r.from {
             let s = f.source;
@@ -731,6 +734,13 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
             .collect();
         rules.push(Rule { from, to, when });
     }
+    Ok(rules)
+}
+
+fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
+    check_name("name", &d.name)?;
+    check_name("namespace", &d.namespace)?;
+    let rules = rules(d.rules)?;
     if d.action == Action::Custom && d.provider.is_none() {
         return Err("provider: a CUSTOM policy needs provider.name".into());
     }
@@ -738,31 +748,69 @@ fn policy(d: AuthzDoc) -> Result<AuthorizationPolicy, String> {
         name: d.name,
         namespace: d.namespace,
         services: d.services,
+        selector: None,
+        target_services: vec![],
         action: d.action,
         provider: d.provider.map(|p| p.name),
         rules,
     })
 }
 
+/// The `rules` and `provider` of an Istio AuthorizationPolicy `spec` (a Kubernetes object), read
+/// with the mesh file's rules (same field names, same checks).
+pub(crate) fn policy_rules(
+    spec: &serde_json::Value,
+) -> Result<(Vec<Rule>, Option<String>), String> {
+    #[derive(Deserialize)]
+    struct SpecRules {
+        #[serde(default)]
+        rules: Vec<RuleDoc>,
+        #[serde(default)]
+        provider: Option<ProviderDoc>,
+    }
+    let v = serde_json::json!({
+        "rules": spec.get("rules").cloned().unwrap_or(serde_json::Value::Null),
+        "provider": spec.get("provider").cloned().unwrap_or(serde_json::Value::Null),
+    });
+    let mut v = v;
+    if v["rules"].is_null() {
+        v["rules"] = serde_json::json!([]);
+    }
+    let d: SpecRules = serde_json::from_value(v).map_err(|e| format!("spec.rules: {e}"))?;
+    Ok((rules(d.rules)?, d.provider.map(|p| p.name)))
+}
+
 /// A policy whose rules could not be read, enforced fail-closed: an ALLOW policy that allows nothing
 /// (other ALLOW policies still allow what they allow), a DENY or CUSTOM policy that denies everything
 /// on the services it selects. An AUDIT policy changes nothing about access anyway.
 fn fail_closed_policy(e: AuthzEnvelope) -> AuthorizationPolicy {
-    let rules = match e.action {
+    fail_closed(AuthorizationPolicy {
+        name: e.name,
+        namespace: e.namespace,
+        services: e.services,
+        selector: None,
+        target_services: vec![],
+        action: e.action,
+        provider: None,
+        rules: vec![],
+    })
+}
+
+/// `p` (where it applies and its action) enforced fail-closed, whatever its rules said.
+pub(crate) fn fail_closed(p: AuthorizationPolicy) -> AuthorizationPolicy {
+    let rules = match p.action {
         Action::Allow | Action::Audit => vec![],
         Action::Deny | Action::Custom => vec![Rule::default()],
     };
     AuthorizationPolicy {
-        name: e.name,
-        namespace: e.namespace,
-        services: e.services,
-        action: if e.action == Action::Custom {
+        action: if p.action == Action::Custom {
             Action::Deny
         } else {
-            e.action
+            p.action
         },
         provider: None,
         rules,
+        ..p
     }
 }
 
@@ -1254,6 +1302,7 @@ mod tests {
                 inbound_address: "0.0.0.0".parse().expect("ip"),
                 outbound_address: "127.0.0.1".parse().expect("ip"),
                 outbound_port: 15001,
+                refuse_unknown_callers: false,
             },
             reserved: vec![
                 Reserved {

@@ -26,10 +26,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::kube_windows::{self, WindowsSettings};
 use super::{MeshState, ObjectError};
 use crate::metrics::Metrics;
 use crate::model::{
-    Endpoint, Mesh, MtlsMode, PeerAuthentication, Protocol, Service, ServicePort, TlsMode,
+    AuthorizationPolicy, Endpoint, Mesh, MtlsMode, PeerAuthentication, Protocol, Service,
+    ServicePort, TlsMode, WindowsService,
 };
 
 /// Istio's sidecar-injection label that makes clients use mTLS towards a pod.
@@ -43,6 +45,12 @@ const CANONICAL_SAS_ANNOTATION: &str = "alpha.istio.io/canonical-serviceaccounts
 pub struct KubeMesh {
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// From opted-in app Services (`kube_windows`).
+    pub windows_services: Vec<WindowsService>,
+    /// Every service account of each Windows service's pods, by `namespace/mesh-name` (what the
+    /// mesh-facing Service lists for istiod's SANs).
+    pub windows_accounts: BTreeMap<String, Vec<String>>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Objects that could not be mirrored, and why.
     pub rejected: Vec<ObjectError>,
 }
@@ -54,6 +62,42 @@ pub struct KubeObjects {
     pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     pub pods: Vec<Arc<Pod>>,
     pub peer_authentications: Vec<Arc<DynamicObject>>,
+    pub authorization_policies: Vec<Arc<DynamicObject>>,
+}
+
+/// What the mirror needs from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MirrorSettings {
+    pub domain_suffix: String,
+    pub windows: WindowsSettings,
+}
+
+impl MirrorSettings {
+    /// From the config; an empty `node_name` falls back to `$NODE_NAME` (the downward API).
+    pub fn from_config(cfg: &crate::config::Config) -> MirrorSettings {
+        let w = &cfg.mesh.kubernetes.windows;
+        let node_name = Some(w.node_name.clone())
+            .filter(|n| !n.is_empty())
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .filter(|n| !n.is_empty());
+        MirrorSettings {
+            domain_suffix: cfg.mesh.domain_suffix.clone(),
+            windows: WindowsSettings {
+                enabled: w.enabled,
+                gateway_port: w.gateway_port,
+                node_name,
+                cross_node: w.cross_node,
+                trust_domain: cfg.identity.trust_domain.clone(),
+            },
+        }
+    }
+
+    pub fn new(domain_suffix: &str) -> MirrorSettings {
+        MirrorSettings {
+            domain_suffix: domain_suffix.into(),
+            windows: WindowsSettings::default(),
+        }
+    }
 }
 
 fn key(meta: &kube::core::ObjectMeta) -> Option<(String, String)> {
@@ -372,7 +416,8 @@ fn peer_authentication(o: &DynamicObject) -> Result<PeerAuthentication, String> 
 }
 
 /// Builds the Kubernetes part of the model from the objects the source knows.
-pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
+pub fn build(objects: &KubeObjects, settings: &MirrorSettings) -> KubeMesh {
+    let domain_suffix = settings.domain_suffix.as_str();
     let mut out = KubeMesh::default();
     let pods = PodIndex::new(&objects.pods);
     let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
@@ -386,6 +431,7 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
             slices.entry((ns, svc.clone())).or_default().push(s);
         }
     }
+    let mut windows = Vec::new();
     for k in &objects.services {
         let mut notes = Vec::new();
         let built = service(k, domain_suffix, &mut notes);
@@ -408,6 +454,32 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
                     .and_then(|s| s.publish_not_ready_addresses)
                     .unwrap_or(false);
                 svc.endpoints = endpoints(&svc, mine, &pods, publish_not_ready, &mut out.rejected);
+                if kube_windows::is_opted_in(k) {
+                    // A Windows app: served by the gateway, never mirrored as a Linux service
+                    // (its endpoints are plaintext Windows pods).
+                    if !settings.windows.enabled {
+                        continue;
+                    }
+                    match kube_windows::windows_service(k, &svc, &settings.windows, domain_suffix) {
+                        Ok(w) => {
+                            out.windows_accounts.insert(
+                                format!("{}/{}", w.namespace, w.name),
+                                kube_windows::service_accounts(&svc),
+                            );
+                            windows.push((
+                                k.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                                object_name(&k.metadata),
+                                w,
+                            ));
+                        }
+                        Err(message) => out.rejected.push(ObjectError {
+                            kind: "kubernetes_windows_service",
+                            name: object_name(&k.metadata),
+                            message,
+                        }),
+                    }
+                    continue;
+                }
                 out.services.push(svc);
             }
             Ok(None) => {}
@@ -419,6 +491,37 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
         }
     }
     out.services
+        .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out.windows_services = kube_windows::dedup_claims(windows, &mut out.rejected);
+    out.windows_accounts.retain(|k, _| {
+        out.windows_services
+            .iter()
+            .any(|w| format!("{}/{}", w.namespace, w.name) == *k)
+    });
+    // The mesh-facing Services winmesh publishes point at the gateways: they are the Windows
+    // services themselves, not Linux services to mirror back.
+    let windows_hosts: BTreeSet<String> = out
+        .windows_services
+        .iter()
+        .map(|w| w.host.clone())
+        .collect();
+    out.services.retain(|s| !windows_hosts.contains(&s.host));
+    for o in &objects.authorization_policies {
+        match kube_windows::authorization_policy(o) {
+            Ok(Some(p)) => out.authorization_policies.push(p),
+            Ok(None) => {}
+            Err(e) => {
+                let (fail_closed, message) = *e;
+                out.rejected.push(ObjectError {
+                    kind: "kubernetes_authorization_policy",
+                    name: object_name(&o.metadata),
+                    message,
+                });
+                out.authorization_policies.extend(fail_closed);
+            }
+        }
+    }
+    out.authorization_policies
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
 
     // Istio: with several namespace-wide policies in one namespace, the oldest wins.
@@ -468,7 +571,8 @@ pub fn build(objects: &KubeObjects, domain_suffix: &str) -> KubeMesh {
 }
 
 /// The model served: the mesh file's, plus what Kubernetes says. The file wins where both speak: its
-/// services (by host) and its PeerAuthentications (by namespace) replace Kubernetes' own, and
+/// services and Windows services (by host), its PeerAuthentications (by namespace) and its
+/// AuthorizationPolicies (by namespace and name) replace Kubernetes' own, and
 /// Kubernetes Services whose host is a Windows service's (the mesh-facing Services that point at the
 /// gateway) are not mirrored back as Linux services.
 pub fn merge(file: &Mesh, kube: &KubeMesh) -> Mesh {
@@ -483,6 +587,24 @@ pub fn merge(file: &Mesh, kube: &KubeMesh) -> Mesh {
         kube.services
             .iter()
             .filter(|s| !taken.contains(s.host.as_str()))
+            .cloned(),
+    );
+    // Windows services: the file's win by host (a pin or override of one from the cluster).
+    mesh.windows_services.extend(
+        kube.windows_services
+            .iter()
+            .filter(|w| !taken.contains(w.host.as_str()))
+            .cloned(),
+    );
+    let file_policies: BTreeSet<(&str, &str)> = file
+        .authorization_policies
+        .iter()
+        .map(|p| (p.namespace.as_str(), p.name.as_str()))
+        .collect();
+    mesh.authorization_policies.extend(
+        kube.authorization_policies
+            .iter()
+            .filter(|p| !file_policies.contains(&(p.namespace.as_str(), p.name.as_str())))
             .cloned(),
     );
     let file_ns: BTreeSet<&str> = file
@@ -540,15 +662,25 @@ enum Kind {
     EndpointSlices,
     Pods,
     PeerAuthentications,
+    AuthorizationPolicies,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 5] = [
         Kind::Services,
         Kind::EndpointSlices,
         Kind::Pods,
         Kind::PeerAuthentications,
+        Kind::AuthorizationPolicies,
     ];
+
+    /// An Istio CRD: a 404 means it is not installed, so there are none.
+    fn is_istio_crd(self) -> bool {
+        matches!(
+            self,
+            Kind::PeerAuthentications | Kind::AuthorizationPolicies
+        )
+    }
 
     fn name(self) -> &'static str {
         match self {
@@ -556,6 +688,7 @@ impl Kind {
             Kind::EndpointSlices => "endpointslices",
             Kind::Pods => "pods",
             Kind::PeerAuthentications => "peerauthentications",
+            Kind::AuthorizationPolicies => "authorizationpolicies",
         }
     }
 }
@@ -616,6 +749,15 @@ pub fn peer_authentication_resource() -> ApiResource {
     ))
 }
 
+/// Istio's AuthorizationPolicy resource.
+pub fn authorization_policy_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+    ))
+}
+
 /// Builds a Kubernetes client: from `kubeconfig` if given, else the usual inference (in-cluster
 /// service account, then `$KUBECONFIG` / `~/.kube/config`).
 pub async fn client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client, String> {
@@ -648,7 +790,7 @@ pub const USER_AGENT: &str = concat!("winmesh/", env!("CARGO_PKG_VERSION"));
 /// upper bound under constant churn).
 pub struct KubeSource {
     pub client: kube::Client,
-    pub domain_suffix: String,
+    pub settings: MirrorSettings,
     pub debounce: Duration,
     pub debounce_max: Duration,
     pub metrics: Arc<Metrics>,
@@ -667,6 +809,8 @@ struct PersistedFile {
     endpoint_slices: Vec<EndpointSlice>,
     pods: Vec<Pod>,
     peer_authentications: Vec<DynamicObject>,
+    #[serde(default)]
+    authorization_policies: Vec<DynamicObject>,
 }
 
 const PERSIST_VERSION: u32 = 1;
@@ -698,6 +842,7 @@ pub fn load_persisted(path: &std::path::Path) -> Result<Option<(SystemTime, Kube
             endpoint_slices: f.endpoint_slices.into_iter().map(Arc::new).collect(),
             pods: f.pods.into_iter().map(Arc::new).collect(),
             peer_authentications: f.peer_authentications.into_iter().map(Arc::new).collect(),
+            authorization_policies: f.authorization_policies.into_iter().map(Arc::new).collect(),
         },
     )))
 }
@@ -720,6 +865,11 @@ pub fn save_persisted(path: &std::path::Path, objects: &KubeObjects) -> Result<(
             .collect(),
         peer_authentications: objects
             .peer_authentications
+            .iter()
+            .map(|o| (**o).clone())
+            .collect(),
+        authorization_policies: objects
+            .authorization_policies
             .iter()
             .map(|o| (**o).clone())
             .collect(),
@@ -748,6 +898,10 @@ pub fn trim_pod(p: Pod) -> Pod {
         phase: s.phase,
         pod_ip: s.pod_ip,
         pod_ips: s.pod_ips,
+        // Readiness of the gateway pods decides which ones the mesh-facing slices list.
+        conditions: s
+            .conditions
+            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
         ..Default::default()
     });
     Pod {
@@ -795,11 +949,23 @@ impl KubeSource {
             ),
         )
         .default_backoff();
+        let ar = authorization_policy_resource();
+        let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        let aps = w.as_reader();
+        let s5 = reflector(
+            w,
+            watcher(
+                Api::<DynamicObject>::all_with(self.client.clone(), &ar),
+                watcher::Config::default(),
+            ),
+        )
+        .default_backoff();
         let mut events = futures::stream::select_all([
             signals(Kind::Services, s1),
             signals(Kind::EndpointSlices, s2),
             signals(Kind::Pods, s3),
             signals(Kind::PeerAuthentications, s4),
+            signals(Kind::AuthorizationPolicies, s5),
         ]);
 
         // The objects in service before this process started, for kinds the API does not list.
@@ -872,7 +1038,7 @@ impl KubeSource {
                             // Any other failure (403, 5xx, unreachable) says nothing about them:
                             // the last known ones (persisted) stay in service.
                             let known = persisted.is_some();
-                            if kind == Kind::PeerAuthentications
+                            if kind.is_istio_crd()
                                 && !listed.contains(kind.name())
                                 && (not_found || !known)
                             {
@@ -927,12 +1093,17 @@ impl KubeSource {
                         } else {
                             fb.peer_authentications
                         },
+                        authorization_policies: if use_live[4] {
+                            aps.state()
+                        } else {
+                            fb.authorization_policies
+                        },
                     };
                     // The rebuild is CPU work (seconds at 10k services): off the async runtime,
                     // so xDS streams keep being served meanwhile.
-                    let suffix = self.domain_suffix.clone();
+                    let settings = self.settings.clone();
                     let Ok((objects, mesh)) = tokio::task::spawn_blocking(move || {
-                        let mesh = build(&objects, &suffix);
+                        let mesh = build(&objects, &settings);
                         (objects, mesh)
                     })
                     .await
@@ -1207,6 +1378,7 @@ mod tests {
                 })),
             ],
             peer_authentications: vec![],
+            authorization_policies: vec![],
         }
     }
 
@@ -1236,8 +1408,8 @@ mod tests {
         let (saved, back) = load_persisted(&path).expect("load").expect("present");
         assert!(saved <= SystemTime::now());
         assert_eq!(
-            build(&back, "cluster.local"),
-            build(&o, "cluster.local"),
+            build(&back, &MirrorSettings::new("cluster.local")),
+            build(&o, &MirrorSettings::new("cluster.local")),
             "the mirror builds the same model from what was persisted"
         );
         let text = std::fs::read_to_string(&path).expect("read");
@@ -1257,7 +1429,7 @@ mod tests {
 
     #[test]
     fn services_follow_istio_rules() {
-        let m = build(&objects(), "cluster.local");
+        let m = build(&objects(), &MirrorSettings::new("cluster.local"));
         assert_eq!(m.services.len(), 1, "{:?}", m.services);
         let s = &m.services[0];
         assert_eq!(s.host, "reviews.bookinfo.svc.cluster.local");
@@ -1298,7 +1470,7 @@ mod tests {
 
     #[test]
     fn endpoints_take_identity_and_tls_mode_from_their_pods() {
-        let m = build(&objects(), "cluster.local");
+        let m = build(&objects(), &MirrorSettings::new("cluster.local"));
         let eps = &m.services[0].endpoints;
         let addrs: Vec<String> = eps.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(addrs, ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
@@ -1335,14 +1507,14 @@ mod tests {
         // Without the second slice, 10.0.0.3 is listed only as not ready.
         let mut o = objects();
         o.endpoint_slices.remove(1);
-        let before = build(&o, "cluster.local");
+        let before = build(&o, &MirrorSettings::new("cluster.local"));
         assert!(!before.services[0].endpoints[1].ready);
         let mut svc = (*o.services[0]).clone();
         if let Some(spec) = svc.spec.as_mut() {
             spec.publish_not_ready_addresses = Some(true);
         }
         o.services[0] = Arc::new(svc);
-        let m = build(&o, "cluster.local");
+        let m = build(&o, &MirrorSettings::new("cluster.local"));
         assert!(m.services[0].endpoints.iter().all(|e| e.ready));
     }
 
@@ -1350,7 +1522,7 @@ mod tests {
     fn an_endpoint_without_a_pod_is_plaintext_and_anonymous() {
         let mut o = objects();
         o.pods.clear();
-        let m = build(&o, "cluster.local");
+        let m = build(&o, &MirrorSettings::new("cluster.local"));
         for e in &m.services[0].endpoints {
             assert_eq!(e.tls_mode, TlsMode::Disabled);
             assert_eq!(e.service_account, None);
@@ -1408,8 +1580,9 @@ mod tests {
                 pod("shop", "p3", "10.0.0.3"),
             ],
             peer_authentications: vec![],
+            authorization_policies: vec![],
         };
-        let m = build(&o, "cluster.local");
+        let m = build(&o, &MirrorSettings::new("cluster.local"));
         let s = &m.services[0];
         let addrs: Vec<String> = s.endpoints.iter().map(|e| e.address.to_string()).collect();
         assert_eq!(
@@ -1454,7 +1627,7 @@ mod tests {
             services: vec![svc],
             ..Default::default()
         };
-        let m = build(&o, "cluster.local");
+        let m = build(&o, &MirrorSettings::new("cluster.local"));
         let ports: Vec<&str> = m.services[0]
             .ports
             .iter()
@@ -1507,7 +1680,7 @@ mod tests {
                                   "portLevelMtls": {"9080": {"mode": "DISABLE"}}}),
             ),
         ];
-        let k = build(&o, "cluster.local");
+        let k = build(&o, &MirrorSettings::new("cluster.local"));
         let mesh = merge(
             &crate::discovery::file::parse("", &crate::discovery::file::FileSettings::for_tests())
                 .expect("empty")
@@ -1568,7 +1741,7 @@ mod tests {
                 serde_json::json!({"mtls": {"mode": "STRICTER"}}),
             ),
         ];
-        let m = build(&o, "cluster.local");
+        let m = build(&o, &MirrorSettings::new("cluster.local"));
         let modes: Vec<(&str, MtlsMode)> = m
             .peer_authentications
             .iter()
@@ -1649,7 +1822,7 @@ peer_authentications:
                 serde_json::json!({"mtls": {"mode": "DISABLE"}}),
             ),
         ];
-        let kube = build(&o, "cluster.local");
+        let kube = build(&o, &MirrorSettings::new("cluster.local"));
         let mesh = merge(&file, &kube);
         let hosts: Vec<&str> = mesh.services.iter().map(|s| s.host.as_str()).collect();
         assert_eq!(

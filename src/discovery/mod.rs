@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kube;
+pub mod kube_windows;
 pub mod watch;
 
 use std::sync::Arc;

@@ -197,40 +197,54 @@ pub struct Ep {
     pub ip: IpAddr,
     pub port: u16,
     pub tls_mode_istio: bool,
+    /// Envoy priority: 0 is used while healthy; higher ones only as failover.
+    pub priority: u32,
 }
 
+/// Endpoints grouped by priority (one `LocalityLbEndpoints` per priority in use; always at least
+/// one, so an empty assignment still names its cluster's priority 0).
 pub fn cla(name: &str, eps: &[Ep]) -> ClusterLoadAssignment {
+    let mut priorities: Vec<u32> = eps.iter().map(|e| e.priority).collect();
+    priorities.push(0);
+    priorities.sort_unstable();
+    priorities.dedup();
     ClusterLoadAssignment {
         cluster_name: name.into(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints: eps
-                .iter()
-                .map(|e| LbEndpoint {
-                    host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket_address(e.ip, e.port)),
+        endpoints: priorities
+            .into_iter()
+            .filter(|pr| *pr == 0 || eps.iter().any(|e| e.priority == *pr))
+            .map(|priority| LocalityLbEndpoints {
+                priority,
+                lb_endpoints: eps
+                    .iter()
+                    .filter(|e| e.priority == priority)
+                    .map(|e| LbEndpoint {
+                        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+                            address: Some(socket_address(e.ip, e.port)),
+                            ..Default::default()
+                        })),
+                        metadata: e.tls_mode_istio.then(|| Metadata {
+                            filter_metadata: [(
+                                TRANSPORT_SOCKET_MATCH.to_string(),
+                                Struct {
+                                    fields: [(
+                                        "tlsMode".to_string(),
+                                        Value {
+                                            kind: Some(Kind::StringValue("istio".into())),
+                                        },
+                                    )]
+                                    .into(),
+                                },
+                            )]
+                            .into(),
+                            ..Default::default()
+                        }),
                         ..Default::default()
-                    })),
-                    metadata: e.tls_mode_istio.then(|| Metadata {
-                        filter_metadata: [(
-                            TRANSPORT_SOCKET_MATCH.to_string(),
-                            Struct {
-                                fields: [(
-                                    "tlsMode".to_string(),
-                                    Value {
-                                        kind: Some(Kind::StringValue("istio".into())),
-                                    },
-                                )]
-                                .into(),
-                            },
-                        )]
-                        .into(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
         ..Default::default()
     }
 }

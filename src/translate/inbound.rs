@@ -216,10 +216,12 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, notes: &mut Vec<S
             let eps: Vec<Ep> = svc
                 .backends
                 .iter()
-                .map(|ip| Ep {
-                    ip: *ip,
-                    port: p.target_port,
+                .map(|b| Ep {
+                    ip: b.address,
+                    port: b.port_for(p),
                     tls_mode_istio: false,
+                    // Another node's pod: failover only (the plaintext hop leaves the node).
+                    priority: u32::from(b.remote),
                 })
                 .collect();
             out.endpoints.push(cla(&cluster, &eps));

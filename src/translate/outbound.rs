@@ -12,8 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::core::v3::Metadata;
-use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, retry_policy,
     route, route_action, route_match,
@@ -49,15 +50,29 @@ pub fn caller_listener_name(namespace: &str, name: &str) -> String {
     format!("winmesh_outbound_http_{namespace}_{name}")
 }
 
+/// Route configuration (and HCM stat prefix) for calls on the shared outbound port from the pods
+/// of one identity, matched by source address.
+pub fn source_route_name(id: &crate::identity::SpiffeId) -> String {
+    format!(
+        "winmesh_outbound_http_sa_{}_{}",
+        id.namespace, id.service_account
+    )
+}
+
 /// Who the gateway is when it calls Linux services: itself (the shared HTTP port and the local TCP
-/// ports), or a Windows service with its own identity and outbound port.
+/// ports), a Windows service with its own identity and outbound port, or the Windows pods of one
+/// identity calling on the shared port (told apart by their source addresses).
 struct Caller {
     /// SDS name of the client certificate.
     cert: String,
     /// Appended to cluster names (empty for the gateway itself).
     cluster_suffix: String,
+    /// Route configuration name (and listener name, for a caller with its own port).
     listener: String,
-    port: u16,
+    /// Its own listener port; `None`: a filter chain of the shared outbound listener.
+    port: Option<u16>,
+    /// Source addresses that select this caller on the shared listener.
+    sources: Vec<std::net::IpAddr>,
     /// Local TCP ports belong to the gateway's own identity.
     tcp_ports: bool,
 }
@@ -68,7 +83,8 @@ impl Caller {
             cert: super::secret::DEFAULT.into(),
             cluster_suffix: String::new(),
             listener: HTTP_LISTENER.into(),
-            port: mesh.gateway.outbound_port,
+            port: Some(mesh.gateway.outbound_port),
+            sources: vec![],
             tcp_ports: true,
         }
     }
@@ -82,11 +98,55 @@ impl Caller {
                     cert: id.to_string(),
                     cluster_suffix: format!("|as-{}.{}", w.name, w.namespace),
                     listener: caller_listener_name(&w.namespace, &w.name),
-                    port,
+                    port: Some(port),
+                    sources: vec![],
                     tcp_ports: false,
                 })
             })
             .collect()
+    }
+
+    /// One caller per identity of the Windows pods on this node (services from Kubernetes). An
+    /// address claimed by two identities (a pod behind two services that present different
+    /// accounts) stays with the first, by SPIFFE ID, and is reported.
+    fn by_source(mesh: &Mesh, ctx: &Ctx, warnings: &mut Vec<String>) -> Vec<Caller> {
+        let mut by_id: BTreeMap<&crate::identity::SpiffeId, BTreeSet<std::net::IpAddr>> =
+            BTreeMap::new();
+        for w in &mesh.windows_services {
+            let (Some(id), Some(o)) = (w.identity.as_ref(), w.origin.as_ref()) else {
+                continue;
+            };
+            by_id.entry(id).or_default().extend(o.local_pod_ips.iter());
+        }
+        let mut owner: BTreeMap<std::net::IpAddr, &crate::identity::SpiffeId> = BTreeMap::new();
+        let mut out = Vec::new();
+        for (id, ips) in by_id {
+            let mut sources = Vec::new();
+            for ip in ips {
+                match owner.get(&ip) {
+                    Some(first) => warnings.push(format!(
+                        "Windows pod {ip} backs services presenting {first} and {id}; its calls \
+                         leave as {first}"
+                    )),
+                    None => {
+                        owner.insert(ip, id);
+                        sources.push(ip);
+                    }
+                }
+            }
+            if sources.is_empty() {
+                continue;
+            }
+            out.push(Caller {
+                cert: ctx.sds_name_for(Some(id)),
+                cluster_suffix: format!("|sa-{}.{}", id.service_account, id.namespace),
+                listener: source_route_name(id),
+                port: None,
+                sources,
+                tcp_ports: false,
+            });
+        }
+        out
     }
 }
 
@@ -166,6 +226,7 @@ fn cluster_for(
                 ip: e.address,
                 port,
                 tls_mode_istio: e.tls_mode == TlsMode::Istio && !disabled,
+                priority: 0,
             }
         })
         .collect();
@@ -221,23 +282,54 @@ fn istio_retry() -> RetryPolicy {
 }
 
 pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Vec<String>) {
-    translate_for(mesh, ctx, &Caller::gateway(mesh), out, warnings);
-    for caller in Caller::windows_services(mesh) {
-        // Host-name warnings are the same for every caller: report them once.
-        translate_for(mesh, ctx, &caller, out, &mut Vec::new());
-    }
+    shared_and_callers(mesh, ctx, out, warnings);
     for w in warnings.iter() {
         warn!("{w}");
     }
 }
 
+fn shared_and_callers(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &mut Vec<String>) {
+    let gateway = Caller::gateway(mesh);
+    let mut shared = vec![translate_for(mesh, ctx, &gateway, out, warnings)];
+    for caller in Caller::windows_services(mesh) {
+        // Host-name warnings are the same for every caller: report them once.
+        translate_for(mesh, ctx, &caller, out, &mut Vec::new());
+    }
+    let by_source = Caller::by_source(mesh, ctx, warnings);
+    for caller in &by_source {
+        shared.push(translate_for(mesh, ctx, caller, out, &mut Vec::new()));
+    }
+    // The shared outbound listener: a chain per identity selected by the caller's address (Envoy
+    // picks the most specific source match), and the gateway's own chain for everyone else,
+    // unless unknown callers are refused (then only known Windows pods get a chain at all).
+    let mut chains: Vec<FilterChain> = shared.into_iter().flatten().collect();
+    if mesh.gateway.refuse_unknown_callers {
+        chains.retain(|c| c.filter_chain_match.is_some());
+    }
+    // Envoy takes no listener without chains: with no caller to accept, the port stays closed.
+    if chains.is_empty() {
+        return;
+    }
+    out.listeners.push(Listener {
+        name: HTTP_LISTENER.into(),
+        address: Some(socket_address(
+            mesh.gateway.outbound_address,
+            mesh.gateway.outbound_port,
+        )),
+        filter_chains: chains,
+        ..Default::default()
+    });
+}
+
+/// The clusters and route configuration of one caller, and its own listener if it has a port.
+/// For the shared outbound listener, returns the filter chain instead.
 fn translate_for(
     mesh: &Mesh,
     ctx: &Ctx,
     caller: &Caller,
     out: &mut Translated,
     warnings: &mut Vec<String>,
-) {
+) -> Option<FilterChain> {
     // Short names (`name`, `name:port`) only where unambiguous across namespaces.
     let mut name_count: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &mesh.services {
@@ -338,16 +430,42 @@ fn translate_for(
         http_filters: vec![router()],
         ..Default::default()
     };
-    out.listeners.push(Listener {
-        name: caller.listener.clone(),
-        address: Some(socket_address(mesh.gateway.outbound_address, caller.port)),
-        filter_chains: vec![FilterChain {
-            filters: vec![network_filter(
-                "envoy.filters.network.http_connection_manager",
-                hcm,
-            )],
+    let chain = FilterChain {
+        // Named when selected by source (the gateway's own chain keeps the unnamed default).
+        name: if caller.sources.is_empty() {
+            String::new()
+        } else {
+            caller.listener.clone()
+        },
+        filter_chain_match: (!caller.sources.is_empty()).then(|| FilterChainMatch {
+            source_prefix_ranges: caller
+                .sources
+                .iter()
+                .map(|ip| CidrRange {
+                    address_prefix: ip.to_string(),
+                    prefix_len: Some(UInt32Value {
+                        value: if ip.is_ipv4() { 32 } else { 128 },
+                    }),
+                })
+                .collect(),
             ..Default::default()
-        }],
+        }),
+        filters: vec![network_filter(
+            "envoy.filters.network.http_connection_manager",
+            hcm,
+        )],
         ..Default::default()
-    });
+    };
+    match caller.port {
+        Some(port) if port != mesh.gateway.outbound_port => {
+            out.listeners.push(Listener {
+                name: caller.listener.clone(),
+                address: Some(socket_address(mesh.gateway.outbound_address, port)),
+                filter_chains: vec![chain],
+                ..Default::default()
+            });
+            None
+        }
+        _ => Some(chain),
+    }
 }

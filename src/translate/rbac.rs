@@ -785,6 +785,8 @@ mod tests {
             name: "p".into(),
             namespace: "win".into(),
             services: vec![],
+            selector: None,
+            target_services: vec![],
             action,
             provider: None,
             rules,

@@ -984,3 +984,201 @@ peer_authentications:
     assert!(!mesh.endpoint_gets_plaintext(svc, &svc.endpoints[0], 9090));
     assert!(!mesh.endpoint_gets_plaintext(svc, &svc.endpoints[1], 8080));
 }
+
+fn ctx() -> Ctx {
+    Ctx {
+        mesh_mtls: Default::default(),
+        secrets_via: crate::config::SecretsVia::Ads,
+        trust_domain_aliases: vec![],
+        default_identity: SpiffeId::parse("spiffe://cluster.local/ns/winmesh/sa/gw").unwrap(),
+    }
+}
+
+/// MESH with its Windows service as the Kubernetes mirror builds one: pods on this node (one
+/// ready and local, one remote failover), their addresses calling out as the app.
+fn cluster_mode_mesh(refuse: bool) -> crate::model::Mesh {
+    use crate::model::{WindowsBackend, WindowsOrigin};
+    let (mut mesh, _) = parse(MESH, &settings()).unwrap();
+    mesh.gateway.refuse_unknown_callers = refuse;
+    let w = &mut mesh.windows_services[0];
+    w.backends = vec![
+        WindowsBackend {
+            address: "10.1.0.5".parse().unwrap(),
+            ports: [("http".to_string(), 8081)].into(),
+            remote: false,
+        },
+        WindowsBackend {
+            address: "10.2.0.7".parse().unwrap(),
+            ports: Default::default(),
+            remote: true,
+        },
+    ];
+    w.origin = Some(WindowsOrigin {
+        app_service: "win/winapp-backend".into(),
+        pod_labels: vec![],
+        local_pod_ips: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
+        status: None,
+    });
+    mesh
+}
+
+#[test]
+fn windows_pods_call_the_mesh_as_their_app_chosen_by_source_address() {
+    let (t, _) = translate(&cluster_mode_mesh(false), &ctx());
+    let l = listener(&t, outbound::HTTP_LISTENER);
+    assert_eq!(
+        l.filter_chains.len(),
+        2,
+        "the app's pods, then everyone else"
+    );
+    let by_source = l
+        .filter_chains
+        .iter()
+        .find(|c| c.filter_chain_match.is_some())
+        .unwrap();
+    let m = by_source.filter_chain_match.as_ref().unwrap();
+    assert_eq!(
+        m.source_prefix_ranges
+            .iter()
+            .map(|r| (
+                r.address_prefix.as_str(),
+                r.prefix_len.as_ref().unwrap().value
+            ))
+            .collect::<Vec<_>>(),
+        vec![("10.1.0.5", 32), ("10.1.0.6", 32)]
+    );
+    let idx = l
+        .filter_chains
+        .iter()
+        .position(|c| c.filter_chain_match.is_some())
+        .unwrap();
+    let Some(RouteSpecifier::Rds(rds)) = hcm(l, idx).route_specifier else {
+        panic!("rds")
+    };
+    assert_eq!(rds.route_config_name, "winmesh_outbound_http_sa_win_winapp");
+    let rc = t
+        .routes
+        .iter()
+        .find(|r| r.name == rds.route_config_name)
+        .unwrap();
+    let own = "outbound|9080||reviews.default.svc.cluster.local|sa-winapp.win";
+    assert!(format!("{rc:?}").contains(own));
+    let tls = upstream_tls(cluster(&t, own));
+    assert_eq!(
+        tls.common_tls_context
+            .unwrap()
+            .tls_certificate_sds_secret_configs[0]
+            .name,
+        "spiffe://cluster.local/ns/win/sa/winapp",
+        "its pods leave with the app's identity"
+    );
+    // The default chain still presents the gateway's identity.
+    let Some(RouteSpecifier::Rds(rds)) = hcm(l, 1 - idx).route_specifier else {
+        panic!("rds")
+    };
+    assert_eq!(rds.route_config_name, outbound::HTTP_LISTENER);
+
+    // Refusing unknown callers: only the app's chain is left.
+    let (t, _) = translate(&cluster_mode_mesh(true), &ctx());
+    let l = listener(&t, outbound::HTTP_LISTENER);
+    assert_eq!(l.filter_chains.len(), 1);
+    assert!(l.filter_chains[0].filter_chain_match.is_some());
+    // …and with no known pod at all, no listener (the port is closed) rather than one Envoy
+    // would reject for having no chains.
+    let mut m = cluster_mode_mesh(true);
+    m.windows_services[0]
+        .origin
+        .as_mut()
+        .unwrap()
+        .local_pod_ips
+        .clear();
+    let (t, _) = translate(&m, &ctx());
+    assert!(
+        t.listeners
+            .iter()
+            .all(|l| l.name != outbound::HTTP_LISTENER)
+    );
+}
+
+#[test]
+fn other_nodes_backends_are_a_failover_priority() {
+    let (t, _) = translate(&cluster_mode_mesh(false), &ctx());
+    let cla = t
+        .endpoints
+        .iter()
+        .find(|c| c.cluster_name == "inbound|8080||winapp.win.svc.cluster.local")
+        .unwrap();
+    let groups: Vec<(u32, Vec<String>)> = cla
+        .endpoints
+        .iter()
+        .map(|g| {
+            (
+                g.priority,
+                g.lb_endpoints
+                    .iter()
+                    .map(|e| {
+                        let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier
+                        else {
+                            panic!()
+                        };
+                        let Some(address::Address::SocketAddress(sa)) =
+                            ep.address.as_ref().unwrap().address.as_ref()
+                        else {
+                            panic!()
+                        };
+                        let Some(socket_address::PortSpecifier::PortValue(p)) = sa.port_specifier
+                        else {
+                            panic!()
+                        };
+                        format!("{}:{p}", sa.address)
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        vec![
+            (0, vec!["10.1.0.5:8081".to_string()]),
+            (1, vec!["10.2.0.7:80".to_string()])
+        ],
+        "named target port resolved per pod; the other node's pod only as failover"
+    );
+}
+
+#[test]
+fn peer_authentication_never_opens_the_gateway_mesh_port_to_plaintext() {
+    let mut mesh = cluster_mode_mesh(false);
+    for ns in ["win", "istio-system"] {
+        mesh.peer_authentications
+            .push(crate::model::PeerAuthentication {
+                namespace: ns.into(),
+                selector: Default::default(),
+                mode: MtlsMode::Disable,
+                port_modes: Default::default(),
+            });
+    }
+    let (t, _) = translate(&mesh, &ctx());
+    let l = listener(&t, "winmesh_inbound_15443");
+    for c in &l.filter_chains {
+        let m = c.filter_chain_match.as_ref().unwrap();
+        assert_eq!(m.transport_protocol, "tls");
+        assert!(!m.server_names.is_empty());
+        let ts = c.transport_socket.as_ref().unwrap();
+        let Some(
+            envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+                any,
+            ),
+        ) = &ts.config_type
+        else {
+            panic!()
+        };
+        let tls = DownstreamTlsContext::decode(any.value.as_slice()).unwrap();
+        assert_eq!(tls.require_client_certificate, Some(prost_types_bool(true)));
+    }
+    assert!(l.default_filter_chain.is_none());
+}
+
+fn prost_types_bool(v: bool) -> envoy_types::pb::google::protobuf::BoolValue {
+    envoy_types::pb::google::protobuf::BoolValue { value: v }
+}

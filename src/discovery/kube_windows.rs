@@ -1,0 +1,786 @@
+//! Windows services from the cluster: a Service labelled `winmesh.io/expose: "true"` (the *app
+//! Service*, selecting the Windows pods as usual) becomes a Windows service of the gateway.
+//!
+//! - Its mesh-facing name is the annotation `winmesh.io/mesh-service` (default `<name>-mesh`); Linux
+//!   clients call `<mesh-service>.<namespace>`, whose endpoints the elected winmesh publishes as
+//!   the gateway pods (see `publish.rs`).
+//! - Backends are the app Service's EndpointSlice endpoints, by readiness as istiod and kube-proxy
+//!   read them, with named target ports resolved per slice. Pods on this gateway's node are used;
+//!   pods on other nodes only as failover (Envoy priority 1), when `winmesh.io/cross-node: "true"`
+//!   (or the configured default) allows it.
+//! - The identity the gateway presents for it is the pods' service account.
+//! - AuthorizationPolicies (`security.istio.io`) select it by its pods' labels or by `targetRefs`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Service as KService;
+use kube::core::DynamicObject;
+
+use super::ObjectError;
+use crate::identity::SpiffeId;
+use crate::model::{
+    Action, AuthorizationPolicy, Service, WindowsBackend, WindowsOrigin, WindowsPort,
+    WindowsService,
+};
+
+/// Opt-in label on the app Service.
+pub const EXPOSE_LABEL: &str = "winmesh.io/expose";
+/// Name of the mesh-facing Service (annotation on the app Service).
+pub const MESH_SERVICE_ANNOTATION: &str = "winmesh.io/mesh-service";
+/// `"true"`: fail over to the app's pods on other nodes (annotation on the app Service).
+pub const CROSS_NODE_ANNOTATION: &str = "winmesh.io/cross-node";
+/// Suffix of the default mesh-facing name.
+pub const DEFAULT_MESH_SUFFIX: &str = "-mesh";
+
+/// What the Windows half of the mirror needs from the config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WindowsSettings {
+    pub enabled: bool,
+    pub gateway_port: u16,
+    /// This gateway's node; `None`: every backend counts as local.
+    pub node_name: Option<String>,
+    pub cross_node: bool,
+    pub trust_domain: String,
+}
+
+impl Default for WindowsSettings {
+    fn default() -> Self {
+        WindowsSettings {
+            enabled: true,
+            gateway_port: 15443,
+            node_name: None,
+            cross_node: false,
+            trust_domain: "cluster.local".into(),
+        }
+    }
+}
+
+/// Whether a Service opts in.
+pub fn is_opted_in(svc: &KService) -> bool {
+    svc.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(EXPOSE_LABEL))
+        .is_some_and(|v| v == "true")
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// The mesh-facing Service name an app Service asks for.
+pub fn mesh_name(svc: &KService) -> Result<String, String> {
+    let name = svc.metadata.name.clone().unwrap_or_default();
+    let wanted = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(MESH_SERVICE_ANNOTATION))
+        .map(|s| s.trim().to_string());
+    let mesh = match wanted {
+        Some(m) if m.is_empty() => {
+            return Err(format!("{MESH_SERVICE_ANNOTATION}: empty"));
+        }
+        Some(m) => m,
+        None => format!("{name}{DEFAULT_MESH_SUFFIX}"),
+    };
+    if !dns_label(&mesh) {
+        return Err(format!(
+            "{MESH_SERVICE_ANNOTATION}: {mesh:?} is not a Service name (a DNS label)"
+        ));
+    }
+    if mesh == name {
+        return Err(format!(
+            "{MESH_SERVICE_ANNOTATION}: {mesh:?} is the app Service itself; the mesh-facing \
+             Service must be another name (its endpoints are the gateways, not the Windows pods)"
+        ));
+    }
+    Ok(mesh)
+}
+
+fn cross_node(svc: &KService, default: bool) -> Result<bool, String> {
+    match svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CROSS_NODE_ANNOTATION))
+        .map(|s| s.as_str())
+    {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(format!(
+            "{CROSS_NODE_ANNOTATION}: {other:?} is neither \"true\" nor \"false\""
+        )),
+    }
+}
+
+/// A Windows service from an opted-in app Service and its endpoints (already built by the Linux
+/// half's rules: `Service` with the EndpointSlice endpoints and their pods).
+pub fn windows_service(
+    k: &KService,
+    app: &Service,
+    s: &WindowsSettings,
+    domain_suffix: &str,
+) -> Result<WindowsService, String> {
+    let mesh = mesh_name(k)?;
+    let cross = cross_node(k, s.cross_node)?;
+    if app.ports.is_empty() {
+        return Err("no TCP port to expose".into());
+    }
+    let ports: Vec<WindowsPort> = app
+        .ports
+        .iter()
+        .map(|p| WindowsPort {
+            name: p.name.clone(),
+            port: p.port,
+            protocol: p.protocol,
+            gateway_port: s.gateway_port,
+            target_port: p.target_port,
+        })
+        .collect();
+    let local = |node: Option<&str>| match (&s.node_name, node) {
+        (None, _) => true,
+        (Some(mine), Some(n)) => mine == n,
+        // An endpoint without a node is not known to be on this one.
+        (Some(_), None) => false,
+    };
+    let mut backends = Vec::new();
+    let mut local_pod_ips = Vec::new();
+    let (mut ready_remote, mut not_ready) = (0usize, 0usize);
+    for e in &app.endpoints {
+        let here = local(e.node.as_deref());
+        if here {
+            local_pod_ips.push(e.address);
+        }
+        if !e.ready {
+            not_ready += 1;
+            continue;
+        }
+        if !here {
+            ready_remote += 1;
+            if !cross {
+                continue;
+            }
+        }
+        backends.push(WindowsBackend {
+            address: e.address,
+            ports: e.ports.clone(),
+            remote: !here,
+        });
+    }
+    let status = if backends.iter().any(|b| !b.remote) {
+        None
+    } else if !backends.is_empty() {
+        Some(format!(
+            "no ready pod on this node; failing over to {} on other nodes",
+            backends.len()
+        ))
+    } else {
+        let node = s.node_name.as_deref().unwrap_or("?");
+        Some(match (app.endpoints.len(), ready_remote) {
+            (0, _) => {
+                "no endpoints: the app Service selects no pod (the gateway answers 503)".into()
+            }
+            (_, 0) => format!("no ready endpoint ({not_ready} not ready; the gateway answers 503)"),
+            (_, n) => format!(
+                "no ready endpoint on node {node}; {n} ready on other nodes, not used without \
+                 {CROSS_NODE_ANNOTATION}: \"true\" (the gateway answers 503)"
+            ),
+        })
+    };
+    // The identity: the pods' service account (Istio's SAN for the workload). Pods of one app
+    // normally share one; during a change of account the first (by name) is presented, and the
+    // mesh-facing Service names every one, so clients accept either.
+    let accounts: BTreeSet<(String, String)> = app
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            let ns = e.namespace.clone().unwrap_or_else(|| app.namespace.clone());
+            e.service_account.clone().map(|sa| (ns, sa))
+        })
+        .collect();
+    let identity = accounts.iter().next().map(|(ns, sa)| SpiffeId {
+        trust_domain: s.trust_domain.clone(),
+        namespace: ns.clone(),
+        service_account: sa.clone(),
+    });
+    let mut pod_labels: Vec<BTreeMap<String, String>> =
+        app.endpoints.iter().map(|e| e.labels.clone()).collect();
+    pod_labels.sort();
+    pod_labels.dedup();
+    local_pod_ips.sort();
+    local_pod_ips.dedup();
+    Ok(WindowsService {
+        host: format!("{mesh}.{}.svc.{domain_suffix}", app.namespace),
+        name: mesh,
+        namespace: app.namespace.clone(),
+        ports,
+        backends,
+        identity,
+        outbound_port: None,
+        origin: Some(WindowsOrigin {
+            app_service: format!("{}/{}", app.namespace, app.name),
+            pod_labels,
+            local_pod_ips,
+            status,
+        }),
+    })
+}
+
+/// Every service account of an app's pods (the mesh-facing Service's
+/// `alpha.istio.io/kubernetes-serviceaccounts`).
+pub fn service_accounts(app: &Service) -> Vec<String> {
+    let mut v: Vec<String> = app
+        .endpoints
+        .iter()
+        .filter(|e| e.namespace.is_none())
+        .filter_map(|e| e.service_account.clone())
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Keeps one Windows service per mesh name and namespace: the oldest app Service claiming it (as
+/// Istio resolves conflicts by creation time); the others are rejected.
+pub fn dedup_claims(
+    mut claims: Vec<(Option<k8s_openapi::jiff::Timestamp>, String, WindowsService)>,
+    rejected: &mut Vec<ObjectError>,
+) -> Vec<WindowsService> {
+    claims.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    let mut seen: BTreeMap<(String, String), String> = BTreeMap::new();
+    let mut out = Vec::new();
+    for (_, app, w) in claims {
+        let k = (w.namespace.clone(), w.name.clone());
+        if let Some(first) = seen.get(&k) {
+            rejected.push(ObjectError {
+                kind: "kubernetes_windows_service",
+                name: app,
+                message: format!(
+                    "mesh-facing name {}/{} is already claimed by the older {first}",
+                    w.namespace, w.name
+                ),
+            });
+            continue;
+        }
+        seen.insert(k, app);
+        out.push(w);
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    out
+}
+
+/// An AuthorizationPolicy (`security.istio.io` v1/v1beta1) as the model's policy. A policy that
+/// targets only non-Service kinds (a Gateway, a ServiceEntry) is `Ok(None)`: it selects no Windows
+/// workload. A malformed policy is enforced fail-closed (see `file::fail_closed_policy`) and
+/// reported through `Err((policy, why))`.
+pub fn authorization_policy(
+    o: &DynamicObject,
+) -> Result<Option<AuthorizationPolicy>, Box<(Option<AuthorizationPolicy>, String)>> {
+    let namespace = o
+        .metadata
+        .namespace
+        .clone()
+        .ok_or_else(|| Box::new((None, "no namespace".to_string())))?;
+    let name = o
+        .metadata
+        .name
+        .clone()
+        .ok_or_else(|| Box::new((None, "no name".to_string())))?;
+    let empty = serde_json::json!({});
+    let spec = o.data.get("spec").unwrap_or(&empty);
+    // Where it applies: read first and leniently, so a broken rule still fails closed there.
+    let selector = match spec.get("selector").and_then(|s| s.get("matchLabels")) {
+        None => None,
+        Some(m) => match m.as_object() {
+            Some(m) => {
+                let mut sel = BTreeMap::new();
+                for (k, v) in m {
+                    match v.as_str() {
+                        Some(v) => {
+                            sel.insert(k.clone(), v.to_string());
+                        }
+                        None => {
+                            return Err(Box::new((
+                                None,
+                                format!("spec.selector.matchLabels.{k}: not a string"),
+                            )));
+                        }
+                    }
+                }
+                // `selector: {}` selects every workload of the namespace, as no selector does.
+                (!sel.is_empty()).then_some(sel)
+            }
+            None => {
+                return Err(Box::new((
+                    None,
+                    "spec.selector.matchLabels: not a map".into(),
+                )));
+            }
+        },
+    };
+    let mut refs: Vec<&serde_json::Value> = Vec::new();
+    if let Some(r) = spec.get("targetRef") {
+        refs.push(r);
+    }
+    if let Some(v) = spec.get("targetRefs") {
+        match v.as_array() {
+            Some(a) => refs.extend(a.iter()),
+            None => return Err(Box::new((None, "spec.targetRefs: not a list".into()))),
+        }
+    }
+    let mut target_services = Vec::new();
+    for r in &refs {
+        let kind = r.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        let group = r.get("group").and_then(|k| k.as_str()).unwrap_or("");
+        let Some(target) = r.get("name").and_then(|k| k.as_str()) else {
+            return Err(Box::new((
+                None,
+                "spec.targetRefs: a reference without a name".into(),
+            )));
+        };
+        // Istio binds a policy to a Service in its own namespace (the reference's namespace, if
+        // given, must be the policy's).
+        let ns = r
+            .get("namespace")
+            .and_then(|k| k.as_str())
+            .unwrap_or(&namespace);
+        if kind == "Service" && group.is_empty() && ns == namespace {
+            target_services.push(format!("{namespace}/{target}"));
+        }
+    }
+    if !refs.is_empty() && target_services.is_empty() {
+        return Ok(None);
+    }
+    let action_text = spec
+        .get("action")
+        .and_then(|a| a.as_str())
+        .unwrap_or("ALLOW");
+    let action = match action_text {
+        "ALLOW" => Action::Allow,
+        "DENY" => Action::Deny,
+        "AUDIT" => Action::Audit,
+        "CUSTOM" => Action::Custom,
+        // Unknown action: deny everything it selects.
+        _ => Action::Deny,
+    };
+    let envelope = AuthorizationPolicy {
+        name: name.clone(),
+        namespace: namespace.clone(),
+        services: vec![],
+        selector: selector.clone(),
+        target_services: target_services.clone(),
+        action,
+        provider: None,
+        rules: vec![],
+    };
+    if !matches!(action_text, "ALLOW" | "DENY" | "AUDIT" | "CUSTOM") {
+        return Err(Box::new((
+            Some(super::file::fail_closed(envelope)),
+            format!("spec.action: unknown action {action_text:?}; enforced as deny-all"),
+        )));
+    }
+    match super::file::policy_rules(spec) {
+        Ok((rules, provider)) => {
+            if action == Action::Custom && provider.is_none() {
+                return Err(Box::new((
+                    Some(super::file::fail_closed(envelope)),
+                    "spec.provider: a CUSTOM policy needs provider.name; enforced fail-closed"
+                        .into(),
+                )));
+            }
+            Ok(Some(AuthorizationPolicy {
+                rules,
+                provider,
+                ..envelope
+            }))
+        }
+        Err(e) => Err(Box::new((
+            Some(super::file::fail_closed(envelope)),
+            format!("{e}; enforced fail-closed"),
+        ))),
+    }
+}
+
+/// Addresses of a list of IPs as /32 or /128 prefixes (for `source_prefix_ranges`).
+pub fn host_prefix(ip: IpAddr) -> u32 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use serde_json::json;
+
+    use super::*;
+    use crate::discovery::kube::{KubeObjects, MirrorSettings, build, merge};
+    use crate::model::Mesh;
+
+    fn obj<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Arc<T> {
+        Arc::new(serde_json::from_value(v).expect("valid object"))
+    }
+
+    fn app_service(name: &str, annotations: serde_json::Value, created: &str) -> Arc<KService> {
+        obj(json!({
+            "metadata": {"name": name, "namespace": "win", "creationTimestamp": created,
+                         "labels": {EXPOSE_LABEL: "true"}, "annotations": annotations},
+            "spec": {"selector": {"app": "shop"}, "ports": [
+                {"name": "http", "port": 80, "targetPort": "web"},
+                {"name": "grpc-api", "port": 9090, "targetPort": 9090},
+                {"name": "udp-x", "port": 53}
+            ]}
+        }))
+    }
+
+    fn pod(name: &str, node: &str, sa: &str, ip: &str) -> Arc<Pod> {
+        obj(json!({
+            "metadata": {"name": name, "namespace": "win",
+                         "labels": {"app": "shop", "version": name}},
+            "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []},
+            "status": {"phase": "Running", "podIP": ip}
+        }))
+    }
+
+    fn slice(svc: &str, eps: serde_json::Value) -> Arc<EndpointSlice> {
+        obj(json!({
+            "metadata": {"name": format!("{svc}-1"), "namespace": "win",
+                         "labels": {"kubernetes.io/service-name": svc, EXPOSE_LABEL: "true"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}, {"name": "grpc-api", "port": 9090}],
+            "endpoints": eps
+        }))
+    }
+
+    fn ep(ip: &str, pod: &str, node: &str, ready: bool) -> serde_json::Value {
+        json!({"addresses": [ip], "conditions": {"ready": ready}, "nodeName": node,
+               "targetRef": {"kind": "Pod", "name": pod, "namespace": "win"}})
+    }
+
+    fn settings(node: Option<&str>, cross: bool) -> MirrorSettings {
+        let mut s = MirrorSettings::new("cluster.local");
+        s.windows.node_name = node.map(str::to_string);
+        s.windows.cross_node = cross;
+        s
+    }
+
+    fn world() -> KubeObjects {
+        KubeObjects {
+            services: vec![app_service(
+                "shop-backend",
+                json!({MESH_SERVICE_ANNOTATION: "shop"}),
+                "2026-01-01T00:00:00Z",
+            )],
+            endpoint_slices: vec![slice(
+                "shop-backend",
+                json!([
+                    ep("10.1.0.5", "shop-a", "win-1", true),
+                    ep("10.1.0.6", "shop-b", "win-1", false),
+                    ep("10.2.0.7", "shop-c", "win-2", true)
+                ]),
+            )],
+            pods: vec![
+                pod("shop-a", "win-1", "shop-sa", "10.1.0.5"),
+                pod("shop-b", "win-1", "shop-sa", "10.1.0.6"),
+                pod("shop-c", "win-2", "shop-sa", "10.2.0.7"),
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_opted_in_service_becomes_a_windows_service_of_this_node() {
+        let m = build(&world(), &settings(Some("win-1"), false));
+        assert!(
+            m.services.iter().all(|s| s.name != "shop-backend"),
+            "the app Service is not mirrored as a Linux service"
+        );
+        assert_eq!(m.windows_services.len(), 1, "{:?}", m.rejected);
+        let w = &m.windows_services[0];
+        assert_eq!(w.name, "shop");
+        assert_eq!(w.host, "shop.win.svc.cluster.local");
+        // UDP left out; every port on the one shared gateway port; named target ports resolved.
+        assert_eq!(
+            w.ports
+                .iter()
+                .map(|p| (p.name.as_str(), p.port, p.gateway_port))
+                .collect::<Vec<_>>(),
+            vec![("http", 80, 15443), ("grpc-api", 9090, 15443)]
+        );
+        // Only the ready pod on this node; the other node's pod is not used by default.
+        assert_eq!(
+            w.backends,
+            vec![WindowsBackend {
+                address: "10.1.0.5".parse().unwrap(),
+                ports: [("http".to_string(), 8080), ("grpc-api".to_string(), 9090)].into(),
+                remote: false,
+            }]
+        );
+        assert_eq!(w.backends[0].port_for(&w.ports[0]), 8080);
+        assert_eq!(
+            w.identity.as_ref().map(|i| i.to_string()).as_deref(),
+            Some("spiffe://cluster.local/ns/win/sa/shop-sa")
+        );
+        let o = w.origin.as_ref().unwrap();
+        assert_eq!(o.app_service, "win/shop-backend");
+        assert_eq!(
+            o.local_pod_ips,
+            vec![
+                "10.1.0.5".parse::<IpAddr>().unwrap(),
+                "10.1.0.6".parse().unwrap()
+            ],
+            "every pod on this node calls out as the app, ready or not"
+        );
+        assert_eq!(o.status, None);
+        assert_eq!(
+            m.windows_accounts.get("win/shop"),
+            Some(&vec!["shop-sa".to_string()])
+        );
+    }
+
+    #[test]
+    fn other_nodes_pods_are_failover_only_and_only_when_allowed() {
+        let mut o = world();
+        // This node's only ready pod goes away.
+        o.endpoint_slices = vec![slice(
+            "shop-backend",
+            json!([
+                ep("10.1.0.6", "shop-b", "win-1", false),
+                ep("10.2.0.7", "shop-c", "win-2", true)
+            ]),
+        )];
+        let m = build(&o, &settings(Some("win-1"), false));
+        let w = &m.windows_services[0];
+        assert!(w.backends.is_empty());
+        let status = w.origin.as_ref().unwrap().status.clone().unwrap();
+        assert!(
+            status.contains("1 ready on other nodes") && status.contains(CROSS_NODE_ANNOTATION),
+            "{status}"
+        );
+        // Allowed by config, or by the annotation: priority 1.
+        for (cross, ann) in [
+            (true, json!({MESH_SERVICE_ANNOTATION: "shop"})),
+            (
+                false,
+                json!({MESH_SERVICE_ANNOTATION: "shop", CROSS_NODE_ANNOTATION: "true"}),
+            ),
+        ] {
+            o.services = vec![app_service("shop-backend", ann, "2026-01-01T00:00:00Z")];
+            let m = build(&o, &settings(Some("win-1"), cross));
+            let w = &m.windows_services[0];
+            assert_eq!(w.backends.len(), 1);
+            assert!(w.backends[0].remote);
+            assert!(
+                w.origin
+                    .as_ref()
+                    .unwrap()
+                    .status
+                    .as_ref()
+                    .unwrap()
+                    .contains("failing over")
+            );
+        }
+        // Without a node name (local mode), every pod is local.
+        let m = build(&world(), &settings(None, false));
+        assert_eq!(m.windows_services[0].backends.len(), 2);
+        assert!(m.windows_services[0].backends.iter().all(|b| !b.remote));
+    }
+
+    #[test]
+    fn bad_or_conflicting_opt_ins_are_skipped_and_the_rest_served() {
+        let mut o = world();
+        o.services.push(app_service(
+            "self",
+            json!({MESH_SERVICE_ANNOTATION: "self"}),
+            "2026-01-01T00:00:00Z",
+        ));
+        o.services.push(app_service(
+            "bad-name",
+            json!({MESH_SERVICE_ANNOTATION: "Not_A_Name"}),
+            "2026-01-01T00:00:00Z",
+        ));
+        o.services.push(app_service(
+            "bad-cross",
+            json!({CROSS_NODE_ANNOTATION: "yes"}),
+            "2026-01-01T00:00:00Z",
+        ));
+        // A younger app Service claiming the same mesh name loses.
+        o.services.push(app_service(
+            "shop-v2",
+            json!({MESH_SERVICE_ANNOTATION: "shop"}),
+            "2026-02-01T00:00:00Z",
+        ));
+        // Default mesh name: <name>-mesh.
+        o.services
+            .push(app_service("plain", json!({}), "2026-01-01T00:00:00Z"));
+        let m = build(&o, &settings(Some("win-1"), false));
+        let names: Vec<&str> = m.windows_services.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, vec!["plain-mesh", "shop"]);
+        let shop = m
+            .windows_services
+            .iter()
+            .find(|w| w.name == "shop")
+            .unwrap();
+        assert_eq!(
+            shop.origin.as_ref().unwrap().app_service,
+            "win/shop-backend"
+        );
+        let plain = m
+            .windows_services
+            .iter()
+            .find(|w| w.name == "plain-mesh")
+            .unwrap();
+        assert!(plain.backends.is_empty());
+        assert!(
+            plain
+                .origin
+                .as_ref()
+                .unwrap()
+                .status
+                .as_ref()
+                .unwrap()
+                .contains("no endpoints")
+        );
+        let rejected: Vec<String> = m.rejected.iter().map(|r| r.to_string()).collect();
+        for (name, why) in [
+            ("win/self", "the app Service itself"),
+            ("win/bad-name", "not a Service name"),
+            ("win/bad-cross", "neither"),
+            (
+                "win/shop-v2",
+                "already claimed by the older win/shop-backend",
+            ),
+        ] {
+            assert!(
+                rejected.iter().any(|r| r.contains(name) && r.contains(why)),
+                "{name}: {rejected:#?}"
+            );
+        }
+    }
+
+    fn ap(name: &str, spec: serde_json::Value) -> Arc<DynamicObject> {
+        obj(
+            json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "win"}, "spec": spec}),
+        )
+    }
+
+    #[test]
+    fn authorization_policies_select_windows_services_as_istio_does() {
+        let mut o = world();
+        o.authorization_policies = vec![
+            ap(
+                "by-label",
+                json!({"selector": {"matchLabels": {"app": "shop"}},
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/a/sa/b"]}}]}]}),
+            ),
+            ap(
+                "other-app",
+                json!({"selector": {"matchLabels": {"app": "billing"}},
+                "action": "DENY", "rules": [{}]}),
+            ),
+            ap(
+                "by-ref",
+                json!({"targetRefs": [{"kind": "Service", "group": "", "name": "shop-backend"}],
+                "action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/admin"]}}]}]}),
+            ),
+            ap(
+                "to-gateway",
+                json!({"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "gw"}],
+                "action": "DENY", "rules": [{}]}),
+            ),
+            ap("namespace-wide", json!({"action": "AUDIT", "rules": [{}]})),
+            ap(
+                "broken-deny",
+                json!({"action": "DENY", "rules": [{"from": [{"source": {"principals": ["a*b"]}}]}]}),
+            ),
+            ap("broken-action", json!({"action": "MAYBE"})),
+        ];
+        let m = build(&o, &settings(Some("win-1"), false));
+        let mesh = merge(&Mesh::empty_for_tests(), &m);
+        let w = &mesh.windows_services[0];
+        let applied: Vec<(&str, Action, usize)> = mesh
+            .policies_for(w)
+            .map(|p| (p.name.as_str(), p.action, p.rules.len()))
+            .collect();
+        assert_eq!(
+            applied,
+            vec![
+                ("broken-action", Action::Deny, 1),
+                ("broken-deny", Action::Deny, 1),
+                ("by-label", Action::Allow, 1),
+                ("by-ref", Action::Deny, 1),
+                ("namespace-wide", Action::Audit, 1),
+            ],
+            "a Gateway-targeted or other-app policy does not apply; broken ones deny all"
+        );
+        let broken = mesh
+            .authorization_policies
+            .iter()
+            .find(|p| p.name == "broken-deny")
+            .unwrap();
+        assert_eq!(
+            broken.rules,
+            vec![crate::model::Rule::default()],
+            "deny-all"
+        );
+        let rejected: Vec<String> = m.rejected.iter().map(|r| r.to_string()).collect();
+        assert!(
+            rejected
+                .iter()
+                .any(|r| r.contains("win/broken-deny") && r.contains("fail-closed")),
+            "{rejected:?}"
+        );
+        assert!(
+            rejected
+                .iter()
+                .any(|r| r.contains("win/broken-action") && r.contains("deny-all")),
+            "{rejected:?}"
+        );
+        // The file wins by namespace/name.
+        let mut file = Mesh::empty_for_tests();
+        file.authorization_policies.push(AuthorizationPolicy {
+            name: "by-ref".into(),
+            namespace: "win".into(),
+            services: vec!["nothing".into()],
+            selector: None,
+            target_services: vec![],
+            action: Action::Allow,
+            provider: None,
+            rules: vec![],
+        });
+        let mesh = merge(&file, &m);
+        assert_eq!(
+            mesh.authorization_policies
+                .iter()
+                .filter(|p| p.name == "by-ref")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn the_file_wins_for_a_windows_service_host() {
+        let m = build(&world(), &settings(Some("win-1"), false));
+        let mut file = Mesh::empty_for_tests();
+        let mut pinned = m.windows_services[0].clone();
+        pinned.origin = None;
+        pinned.backends = vec![WindowsBackend::local("192.168.9.9".parse().unwrap())];
+        file.windows_services.push(pinned);
+        let mesh = merge(&file, &m);
+        assert_eq!(mesh.windows_services.len(), 1);
+        assert_eq!(
+            mesh.windows_services[0].backends[0].address.to_string(),
+            "192.168.9.9"
+        );
+    }
+}
