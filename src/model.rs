@@ -251,6 +251,13 @@ pub struct WindowsOrigin {
     /// Addresses of the app's pods on this node: their calls into the mesh leave with the
     /// service's identity (matched by source address on the shared outbound listener).
     pub local_pod_ips: Vec<IpAddr>,
+    /// Nodes with a ready pod of the app (the mesh-facing EndpointSlice lists their gateways).
+    pub ready_nodes: Vec<String>,
+    /// Every service account of the app's pods (listed on the mesh-facing Service, as istiod's
+    /// `alpha.istio.io/kubernetes-serviceaccounts`, so clients accept each).
+    pub service_accounts: Vec<String>,
+    /// Other nodes' pods may be used as failover.
+    pub cross_node: bool,
     /// Why the service has no usable backend, if so (shown in `/debug/registryz`; the gateway
     /// answers 503 for it meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]

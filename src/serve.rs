@@ -284,7 +284,42 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             persisted_grace: k.sync_timeout.min(std::time::Duration::from_secs(2)),
         };
         info!("mirroring the mesh from the Kubernetes API");
+        let publish_client = source.client.clone();
         tasks.push(tokio::spawn(source.run(kube_tx, running.shutdown_signal())));
+        let p = &k.windows.publish;
+        if k.windows.enabled && p.enabled {
+            let status = Arc::new(std::sync::RwLock::new(
+                crate::discovery::publish::PublishStatus::default(),
+            ));
+            let identity = Some(p.identity.clone())
+                .filter(|i| !i.is_empty())
+                .or_else(|| std::env::var("POD_NAME").ok())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .or_else(|| std::env::var("COMPUTERNAME").ok())
+                .filter(|i| !i.is_empty())
+                .unwrap_or_else(|| format!("winmesh-{}", std::process::id()));
+            let publisher = crate::discovery::publish::Publisher {
+                client: publish_client,
+                namespace: crate::discovery::kube::publish_namespace(&cfg),
+                lease_name: p.lease_name.clone(),
+                identity,
+                lease_duration: p.lease_duration,
+                metrics: metrics.clone(),
+                status: status.clone(),
+            };
+            running.debug.add_view(
+                "publisherz",
+                Arc::new(move || {
+                    status
+                        .read()
+                        .map(|s| serde_json::to_value(&*s).unwrap_or_default())
+                        .unwrap_or_default()
+                }),
+            );
+            tasks.push(tokio::spawn(
+                publisher.run(kube_rx.clone(), running.shutdown_signal()),
+            ));
+        }
         let (tx, rx) = watch::channel(MeshState::default());
         tasks.push(tokio::spawn(crate::discovery::kube::combine(
             file_rx,

@@ -47,9 +47,10 @@ pub struct KubeMesh {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// From opted-in app Services (`kube_windows`).
     pub windows_services: Vec<WindowsService>,
-    /// Every service account of each Windows service's pods, by `namespace/mesh-name` (what the
-    /// mesh-facing Service lists for istiod's SANs).
-    pub windows_accounts: BTreeMap<String, Vec<String>>,
+    /// The mesh-facing Services and EndpointSlices to write (when publishing is configured).
+    pub publications: Vec<kube_windows::Publication>,
+    /// Objects winmesh wrote whose app Service no longer opts in.
+    pub stale: Vec<kube_windows::Stale>,
     pub authorization_policies: Vec<AuthorizationPolicy>,
     /// Objects that could not be mirrored, and why.
     pub rejected: Vec<ObjectError>,
@@ -65,11 +66,24 @@ pub struct KubeObjects {
     pub authorization_policies: Vec<Arc<DynamicObject>>,
 }
 
+/// The namespace of the gateway pods and the election Lease: configured, else `$POD_NAMESPACE`,
+/// else `identity.namespace`.
+pub fn publish_namespace(cfg: &crate::config::Config) -> String {
+    let p = &cfg.mesh.kubernetes.windows.publish;
+    Some(p.namespace.clone())
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| cfg.identity.namespace.clone())
+}
+
 /// What the mirror needs from the config.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MirrorSettings {
     pub domain_suffix: String,
     pub windows: WindowsSettings,
+    /// Where the gateway pods are, when this winmesh may publish mesh-facing Services.
+    pub publish: Option<kube_windows::PublishSettings>,
 }
 
 impl MirrorSettings {
@@ -89,6 +103,10 @@ impl MirrorSettings {
                 cross_node: w.cross_node,
                 trust_domain: cfg.identity.trust_domain.clone(),
             },
+            publish: w.publish.enabled.then(|| kube_windows::PublishSettings {
+                namespace: publish_namespace(cfg),
+                gateway_selector: w.publish.gateway_selector.clone(),
+            }),
         }
     }
 
@@ -96,6 +114,7 @@ impl MirrorSettings {
         MirrorSettings {
             domain_suffix: domain_suffix.into(),
             windows: WindowsSettings::default(),
+            publish: None,
         }
     }
 }
@@ -462,10 +481,6 @@ pub fn build(objects: &KubeObjects, settings: &MirrorSettings) -> KubeMesh {
                     }
                     match kube_windows::windows_service(k, &svc, &settings.windows, domain_suffix) {
                         Ok(w) => {
-                            out.windows_accounts.insert(
-                                format!("{}/{}", w.namespace, w.name),
-                                kube_windows::service_accounts(&svc),
-                            );
                             windows.push((
                                 k.metadata.creation_timestamp.as_ref().map(|t| t.0),
                                 object_name(&k.metadata),
@@ -493,11 +508,12 @@ pub fn build(objects: &KubeObjects, settings: &MirrorSettings) -> KubeMesh {
     out.services
         .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     out.windows_services = kube_windows::dedup_claims(windows, &mut out.rejected);
-    out.windows_accounts.retain(|k, _| {
-        out.windows_services
-            .iter()
-            .any(|w| format!("{}/{}", w.namespace, w.name) == *k)
-    });
+    if let Some(p) = &settings.publish {
+        let (publications, stale) =
+            kube_windows::publications(&out.windows_services, objects, p, &mut out.rejected);
+        out.publications = publications;
+        out.stale = stale;
+    }
     // The mesh-facing Services winmesh publishes point at the gateways: they are the Windows
     // services themselves, not Linux services to mirror back.
     let windows_hosts: BTreeSet<String> = out
@@ -908,6 +924,8 @@ pub fn trim_pod(p: Pod) -> Pod {
         metadata: kube::core::ObjectMeta {
             name: p.metadata.name,
             namespace: p.metadata.namespace,
+            // A terminating gateway pod leaves the mesh-facing slices (drain).
+            deletion_timestamp: p.metadata.deletion_timestamp,
             labels: p.metadata.labels,
             resource_version: p.metadata.resource_version,
             uid: p.metadata.uid,

@@ -12,7 +12,6 @@
 //! - AuthorizationPolicies (`security.istio.io`) select it by its pods' labels or by `targetRefs`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Service as KService;
 use kube::core::DynamicObject;
@@ -217,6 +216,12 @@ pub fn windows_service(
     pod_labels.dedup();
     local_pod_ips.sort();
     local_pod_ips.dedup();
+    let ready_nodes: BTreeSet<String> = app
+        .endpoints
+        .iter()
+        .filter(|e| e.ready)
+        .filter_map(|e| e.node.clone())
+        .collect();
     Ok(WindowsService {
         host: format!("{mesh}.{}.svc.{domain_suffix}", app.namespace),
         name: mesh,
@@ -229,14 +234,17 @@ pub fn windows_service(
             app_service: format!("{}/{}", app.namespace, app.name),
             pod_labels,
             local_pod_ips,
+            ready_nodes: ready_nodes.into_iter().collect(),
+            service_accounts: service_accounts(app),
+            cross_node: cross,
             status,
         }),
     })
 }
 
-/// Every service account of an app's pods (the mesh-facing Service's
-/// `alpha.istio.io/kubernetes-serviceaccounts`).
-pub fn service_accounts(app: &Service) -> Vec<String> {
+/// Every service account of an app's pods in its namespace (the mesh-facing Service's
+/// `alpha.istio.io/kubernetes-serviceaccounts`, which istiod reads in the Service's namespace).
+fn service_accounts(app: &Service) -> Vec<String> {
     let mut v: Vec<String> = app
         .endpoints
         .iter()
@@ -409,9 +417,320 @@ pub fn authorization_policy(
     }
 }
 
-/// Addresses of a list of IPs as /32 or /128 prefixes (for `source_prefix_ranges`).
-pub fn host_prefix(ip: IpAddr) -> u32 {
-    if ip.is_ipv4() { 32 } else { 128 }
+/// Label on everything winmesh writes.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "winmesh";
+/// The app Service (name, same namespace) a written object belongs to.
+pub const APP_SERVICE_LABEL: &str = "winmesh.io/app-service";
+/// `endpointslice.kubernetes.io/managed-by` of winmesh's slices (the EndpointSlice controller
+/// leaves slices of other managers alone).
+pub const SLICE_MANAGER: &str = "winmesh.io/publisher";
+/// Server-side apply field manager.
+pub const FIELD_MANAGER: &str = "winmesh";
+
+/// Where the gateway pods are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishSettings {
+    pub namespace: String,
+    pub gateway_selector: BTreeMap<String, String>,
+}
+
+/// One mesh-facing Service and its EndpointSlice, as server-side apply bodies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publication {
+    pub namespace: String,
+    pub mesh_name: String,
+    pub app_service: String,
+    /// The Service to apply: the whole object when winmesh owns it, only the service-account
+    /// annotation when the user handed an existing Service over (its ports and selector stay the
+    /// user's, so a migration keeps working while both sets of endpoints exist).
+    pub service: serde_json::Value,
+    pub adopted: bool,
+    /// The EndpointSlice (`<mesh-name>-winmesh`); its owner reference to the Service is added
+    /// once the Service's uid is known.
+    pub slice: serde_json::Value,
+    pub slice_name: String,
+}
+
+/// Something winmesh wrote that is no longer wanted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stale {
+    Service { namespace: String, name: String },
+    EndpointSlice { namespace: String, name: String },
+}
+
+/// A gateway pod the mesh-facing slices may list.
+struct GatewayPod<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    uid: Option<&'a str>,
+    ip: String,
+    node: &'a str,
+}
+
+fn gateway_pods<'a>(
+    pods: &'a [std::sync::Arc<k8s_openapi::api::core::v1::Pod>],
+    p: &PublishSettings,
+) -> Vec<GatewayPod<'a>> {
+    let mut out: Vec<GatewayPod> = pods
+        .iter()
+        .filter(|pod| pod.metadata.namespace.as_deref() == Some(p.namespace.as_str()))
+        .filter(|pod| pod.metadata.deletion_timestamp.is_none())
+        .filter(|pod| {
+            let labels = pod.metadata.labels.as_ref();
+            p.gateway_selector
+                .iter()
+                .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+        })
+        .filter_map(|pod| {
+            let status = pod.status.as_ref()?;
+            let ready = status.phase.as_deref() == Some("Running")
+                && status
+                    .conditions
+                    .iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+            // The slice is IPv4; a gateway without an IPv4 address is left out.
+            let ip = status
+                .pod_ips
+                .iter()
+                .flatten()
+                .map(|i| i.ip.clone())
+                .chain(status.pod_ip.clone())
+                .find(|i| i.parse::<std::net::Ipv4Addr>().is_ok())?;
+            Some(GatewayPod {
+                name: pod.metadata.name.as_deref()?,
+                namespace: pod.metadata.namespace.as_deref()?,
+                uid: pod.metadata.uid.as_deref(),
+                ip,
+                node: pod.spec.as_ref()?.node_name.as_deref()?,
+            })
+            .filter(|_| ready)
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(b.name));
+    out
+}
+
+/// Istio reads a port's protocol from `appProtocol`, then the name: keep what the app said.
+fn app_protocol(p: crate::model::Protocol) -> Option<&'static str> {
+    use crate::model::Protocol::*;
+    Some(match p {
+        Http => "http",
+        Http2 => "http2",
+        Grpc => "grpc",
+        GrpcWeb => "grpc-web",
+        Tcp => "tcp",
+        Tls => "tls",
+        Https => "https",
+        Mongo => "mongo",
+        Redis => "redis",
+        Mysql => "mysql",
+        Udp | Unsupported => return None,
+    })
+}
+
+/// The mesh-facing objects for the Windows services, and what winmesh wrote before that is no
+/// longer wanted. An existing Service of the mesh-facing name that winmesh does not manage is
+/// never touched (reported); one labelled `app.kubernetes.io/managed-by: winmesh` by its owner is
+/// adopted (annotation and EndpointSlice only).
+pub fn publications(
+    windows: &[WindowsService],
+    objects: &super::kube::KubeObjects,
+    p: &PublishSettings,
+    rejected: &mut Vec<ObjectError>,
+) -> (Vec<Publication>, Vec<Stale>) {
+    let gateways = gateway_pods(&objects.pods, p);
+    let services: BTreeMap<(String, String), &KService> = objects
+        .services
+        .iter()
+        .filter_map(|k| {
+            Some((
+                (k.metadata.namespace.clone()?, k.metadata.name.clone()?),
+                k.as_ref(),
+            ))
+        })
+        .collect();
+    let managed = |k: &KService| {
+        k.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .is_some_and(|v| v == MANAGED_BY)
+    };
+    let mut out = Vec::new();
+    for w in windows {
+        let Some(o) = &w.origin else { continue };
+        let app_name = o
+            .app_service
+            .split_once('/')
+            .map(|(_, n)| n.to_string())
+            .unwrap_or_default();
+        let Some(app) = services.get(&(w.namespace.clone(), app_name.clone())) else {
+            continue;
+        };
+        let existing = services.get(&(w.namespace.clone(), w.name.clone()));
+        let app_uid = app.metadata.uid.clone().unwrap_or_default();
+        let adopted = match existing {
+            None => false,
+            Some(e) if !managed(e) => {
+                rejected.push(ObjectError {
+                    kind: "kubernetes_publication",
+                    name: format!("{}/{}", w.namespace, w.name),
+                    message: format!(
+                        "a Service {}/{} exists and is not managed by winmesh: left untouched,                          Linux clients are not routed to the gateway for it (label it                          {MANAGED_BY_LABEL}={MANAGED_BY} to hand it over, see docs/kubernetes.md)",
+                        w.namespace, w.name
+                    ),
+                });
+                continue;
+            }
+            // Owned when it names the app Service as its owner.
+            Some(e) => !e
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|r| r.kind == "Service" && r.name == app_name),
+        };
+        let labels = serde_json::json!({
+            MANAGED_BY_LABEL: MANAGED_BY,
+            APP_SERVICE_LABEL: app_name,
+        });
+        let annotations = serde_json::json!({
+            "alpha.istio.io/kubernetes-serviceaccounts": o.service_accounts.join(","),
+        });
+        let service = if adopted {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": w.name, "namespace": w.namespace,
+                             "annotations": annotations},
+            })
+        } else {
+            let ports: Vec<serde_json::Value> = w
+                .ports
+                .iter()
+                .map(|pt| {
+                    let mut v = serde_json::json!({"name": pt.name, "port": pt.port,
+                        "protocol": "TCP", "targetPort": pt.gateway_port});
+                    if let Some(ap) = app_protocol(pt.protocol) {
+                        v["appProtocol"] = ap.into();
+                    }
+                    v
+                })
+                .collect();
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": w.name, "namespace": w.namespace, "labels": labels,
+                    "annotations": annotations,
+                    // Deleting the app Service deletes this one (Kubernetes garbage collection).
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": app_name,
+                        "uid": app_uid, "blockOwnerDeletion": false}]},
+                // No selector: the endpoints are the gateways, in the slice below.
+                "spec": {"type": "ClusterIP", "ports": ports},
+            })
+        };
+        // Gateways on the nodes where the app has a ready pod; with cross-node failover, every
+        // ready gateway (each forwards to its own node's pods first).
+        let listed: Vec<&GatewayPod> = gateways
+            .iter()
+            .filter(|g| o.cross_node || o.ready_nodes.iter().any(|n| n == g.node))
+            .collect();
+        let endpoints: Vec<serde_json::Value> = listed
+            .iter()
+            .map(|g| {
+                let mut target = serde_json::json!({"kind": "Pod", "name": g.name,
+                    "namespace": g.namespace});
+                if let Some(uid) = g.uid {
+                    target["uid"] = uid.into();
+                }
+                serde_json::json!({"addresses": [g.ip], "conditions": {"ready": true},
+                    "nodeName": g.node, "targetRef": target})
+            })
+            .collect();
+        let slice_ports: Vec<serde_json::Value> = w
+            .ports
+            .iter()
+            .map(|pt| {
+                let mut v = serde_json::json!({"name": pt.name, "port": pt.gateway_port,
+                    "protocol": "TCP"});
+                if let Some(ap) = app_protocol(pt.protocol) {
+                    v["appProtocol"] = ap.into();
+                }
+                v
+            })
+            .collect();
+        let slice_name = format!("{}-winmesh", w.name);
+        let slice = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": slice_name, "namespace": w.namespace,
+                "labels": {"kubernetes.io/service-name": w.name,
+                           "endpointslice.kubernetes.io/managed-by": SLICE_MANAGER,
+                           MANAGED_BY_LABEL: MANAGED_BY, APP_SERVICE_LABEL: app_name}},
+            "addressType": "IPv4",
+            "ports": slice_ports,
+            "endpoints": endpoints,
+        });
+        out.push(Publication {
+            namespace: w.namespace.clone(),
+            mesh_name: w.name.clone(),
+            app_service: app_name,
+            service,
+            adopted,
+            slice,
+            slice_name,
+        });
+    }
+    // Stale: written by winmesh for an app Service that no longer exists or no longer opts in.
+    // An app Service that still opts in but is malformed keeps its objects (bad input never
+    // takes a working service away).
+    let opted_in = |ns: &str, name: &str| {
+        services
+            .get(&(ns.to_string(), name.to_string()))
+            .is_some_and(|k| is_opted_in(k))
+    };
+    let app_of = |labels: Option<&BTreeMap<String, String>>| {
+        labels.and_then(|l| {
+            (l.get(MANAGED_BY_LABEL).map(|v| v.as_str()) == Some(MANAGED_BY))
+                .then(|| l.get(APP_SERVICE_LABEL).cloned())
+                .flatten()
+        })
+    };
+    let mut stale = Vec::new();
+    for k in &objects.services {
+        let (Some(ns), Some(name)) = (&k.metadata.namespace, &k.metadata.name) else {
+            continue;
+        };
+        // Only Services winmesh created (owned by their app Service); adopted ones stay.
+        let created = k
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|r| r.kind == "Service");
+        if let Some(app) = app_of(k.metadata.labels.as_ref())
+            && created
+            && !opted_in(ns, &app)
+        {
+            stale.push(Stale::Service {
+                namespace: ns.clone(),
+                name: name.clone(),
+            });
+        }
+    }
+    for sl in &objects.endpoint_slices {
+        let (Some(ns), Some(name)) = (&sl.metadata.namespace, &sl.metadata.name) else {
+            continue;
+        };
+        if let Some(app) = app_of(sl.metadata.labels.as_ref())
+            && !opted_in(ns, &app)
+        {
+            stale.push(Stale::EndpointSlice {
+                namespace: ns.clone(),
+                name: name.clone(),
+            });
+        }
+    }
+    (out, stale)
 }
 
 #[cfg(test)]
@@ -421,6 +740,8 @@ mod tests {
     use k8s_openapi::api::core::v1::Pod;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use serde_json::json;
+
+    use std::net::IpAddr;
 
     use super::*;
     use crate::discovery::kube::{KubeObjects, MirrorSettings, build, merge};
@@ -541,9 +862,10 @@ mod tests {
             "every pod on this node calls out as the app, ready or not"
         );
         assert_eq!(o.status, None);
+        assert_eq!(o.service_accounts, vec!["shop-sa".to_string()]);
         assert_eq!(
-            m.windows_accounts.get("win/shop"),
-            Some(&vec!["shop-sa".to_string()])
+            o.ready_nodes,
+            vec!["win-1".to_string(), "win-2".to_string()]
         );
     }
 
@@ -781,6 +1103,167 @@ mod tests {
         assert_eq!(
             mesh.windows_services[0].backends[0].address.to_string(),
             "192.168.9.9"
+        );
+    }
+
+    fn gateway(name: &str, node: &str, ready: bool, deleting: bool) -> Arc<Pod> {
+        let mut v = json!({
+            "metadata": {"name": name, "namespace": "winmesh", "uid": format!("uid-{name}"),
+                         "labels": {"app.kubernetes.io/name": "winmesh-gateway"}},
+            "spec": {"serviceAccountName": "gw", "nodeName": node, "containers": []},
+            "status": {"phase": "Running", "podIP": format!("10.9.0.{}", name.len()),
+                       "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+        });
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        obj(v)
+    }
+
+    fn publishing() -> MirrorSettings {
+        let mut s = settings(Some("win-1"), false);
+        s.publish = Some(PublishSettings {
+            namespace: "winmesh".into(),
+            gateway_selector: [(
+                "app.kubernetes.io/name".to_string(),
+                "winmesh-gateway".to_string(),
+            )]
+            .into(),
+        });
+        s
+    }
+
+    #[test]
+    fn publications_list_ready_gateways_on_nodes_with_ready_pods() {
+        let mut o = world();
+        o.pods.extend([
+            gateway("gw-a", "win-1", true, false),
+            gateway("gw-bb", "win-2", true, false),
+            gateway("gw-ccc", "win-3", true, false),
+            gateway("gw-dddd", "win-1", false, false),
+            gateway("gw-eeeee", "win-2", true, true),
+        ]);
+        let m = build(&o, &publishing());
+        assert_eq!(m.publications.len(), 1, "{:?}", m.rejected);
+        let p = &m.publications[0];
+        assert!(!p.adopted);
+        assert_eq!(p.service["spec"]["ports"][0]["targetPort"], 15443);
+        assert_eq!(p.service["spec"]["ports"][0]["name"], "http");
+        assert_eq!(p.service["spec"]["ports"][1]["appProtocol"], "grpc");
+        assert!(p.service["spec"].get("selector").is_none());
+        assert_eq!(
+            p.service["metadata"]["annotations"]["alpha.istio.io/kubernetes-serviceaccounts"],
+            "shop-sa"
+        );
+        // win-1 and win-2 have ready app pods; not-ready and terminating gateways are left out.
+        let listed: Vec<&str> = p.slice["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["targetRef"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(listed, vec!["gw-a", "gw-bb"]);
+        assert_eq!(p.slice["ports"][0]["port"], 15443);
+        assert_eq!(
+            p.slice["metadata"]["labels"]["kubernetes.io/service-name"],
+            "shop"
+        );
+        // Cross-node: every ready gateway.
+        o.services = vec![app_service(
+            "shop-backend",
+            json!({MESH_SERVICE_ANNOTATION: "shop", CROSS_NODE_ANNOTATION: "true"}),
+            "2026-01-01T00:00:00Z",
+        )];
+        let m = build(&o, &publishing());
+        assert_eq!(
+            m.publications[0].slice["endpoints"]
+                .as_array()
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    fn mesh_service(labels: serde_json::Value, owners: serde_json::Value) -> Arc<KService> {
+        obj(
+            json!({"metadata": {"name": "shop", "namespace": "win", "labels": labels,
+                                "ownerReferences": owners},
+                    "spec": {"selector": {"app": "shop"}, "ports": [{"name": "http", "port": 80}]}}),
+        )
+    }
+
+    #[test]
+    fn publications_never_touch_what_winmesh_does_not_own() {
+        let owned_by_app =
+            json!([{"apiVersion": "v1", "kind": "Service", "name": "shop-backend", "uid": "u1"}]);
+        let managed = json!({MANAGED_BY_LABEL: MANAGED_BY, APP_SERVICE_LABEL: "shop-backend"});
+        // Someone else's Service: reported, not published.
+        let mut o = world();
+        o.services.push(mesh_service(json!({}), json!([])));
+        let m = build(&o, &publishing());
+        assert!(m.publications.is_empty());
+        assert!(
+            m.rejected
+                .iter()
+                .any(|r| r.message.contains("is not managed by winmesh"))
+        );
+        // Handed over (labelled by its owner, no owner reference): only the annotation.
+        let mut o = world();
+        o.services.push(mesh_service(
+            json!({MANAGED_BY_LABEL: MANAGED_BY}),
+            json!([]),
+        ));
+        let m = build(&o, &publishing());
+        assert!(m.publications[0].adopted);
+        assert!(m.publications[0].service.get("spec").is_none());
+        assert!(
+            m.publications[0].service["metadata"]
+                .get("labels")
+                .is_none()
+        );
+        // Stale only when the app no longer opts in; a malformed opt-in keeps its objects.
+        let slice = obj::<EndpointSlice>(
+            json!({"metadata": {"name": "shop-winmesh", "namespace": "win", "labels": managed.clone()},
+            "addressType": "IPv4", "endpoints": []}),
+        );
+        let mut o = world();
+        o.services
+            .push(mesh_service(managed.clone(), owned_by_app.clone()));
+        o.endpoint_slices.push(slice.clone());
+        o.services[0] = app_service(
+            "shop-backend",
+            json!({CROSS_NODE_ANNOTATION: "maybe"}),
+            "2026-01-01T00:00:00Z",
+        );
+        let m = build(&o, &publishing());
+        assert!(m.stale.is_empty(), "{:?}", m.stale);
+        o.services[0] = obj(
+            json!({"metadata": {"name": "shop-backend", "namespace": "win"},
+            "spec": {"selector": {"app": "shop"}, "ports": [{"name": "http", "port": 80}]}}),
+        );
+        let m = build(&o, &publishing());
+        assert_eq!(
+            m.stale,
+            vec![
+                Stale::Service {
+                    namespace: "win".into(),
+                    name: "shop".into()
+                },
+                Stale::EndpointSlice {
+                    namespace: "win".into(),
+                    name: "shop-winmesh".into()
+                },
+            ]
+        );
+        // An adopted Service is never deleted, only winmesh's slice.
+        o.services[1] = mesh_service(managed, json!([]));
+        let m = build(&o, &publishing());
+        assert_eq!(
+            m.stale,
+            vec![Stale::EndpointSlice {
+                namespace: "win".into(),
+                name: "shop-winmesh".into()
+            }]
         );
     }
 }

@@ -1017,6 +1017,9 @@ fn cluster_mode_mesh(refuse: bool) -> crate::model::Mesh {
         app_service: "win/winapp-backend".into(),
         pod_labels: vec![],
         local_pod_ips: vec!["10.1.0.5".parse().unwrap(), "10.1.0.6".parse().unwrap()],
+        ready_nodes: vec!["win-1".into(), "win-2".into()],
+        service_accounts: vec!["winapp".into()],
+        cross_node: true,
         status: None,
     });
     mesh
