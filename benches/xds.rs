@@ -76,6 +76,7 @@ fn main() {
         reserved: vec![],
     };
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: winmesh::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],

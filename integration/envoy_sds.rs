@@ -53,6 +53,7 @@ async fn rotation(mode: XdsMode, via: SecretsVia) {
         IdentitySpec {
             id: SpiffeId::parse(GW).unwrap(),
             token_file: None,
+            minter: None,
         },
         running.metrics.clone(),
         Clock::new(),
@@ -264,6 +265,7 @@ async fn listeners_wait_for_certificates_in_every_mode() {
             IdentitySpec {
                 id: SpiffeId::parse(GW).unwrap(),
                 token_file: None,
+                minter: None,
             },
             running.metrics.clone(),
             Clock::new(),

@@ -38,6 +38,7 @@ fn translate_file(path: &Path, via: SecretsVia) -> Translated {
     let (mesh, rejected) = parse(&text, &settings).unwrap();
     assert!(rejected.is_empty(), "{rejected:?}");
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: via,
         trust_domain_aliases: vec![],

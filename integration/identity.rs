@@ -49,6 +49,7 @@ fn gw(token: &std::path::Path) -> IdentitySpec {
     IdentitySpec {
         id: SpiffeId::parse(GW).unwrap(),
         token_file: Some(token.to_path_buf()),
+        minter: None,
     }
 }
 

@@ -677,3 +677,226 @@ async fn windows_pods_call_linux_with_their_own_identity() {
     w.gateway.stop().await;
     w.server.stop().await;
 }
+
+fn locked_app(kube: &FakeKube, port: u16) {
+    kube.apply(
+        SERVICES,
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "locked-backend", "namespace": "win",
+                         "labels": {"winmesh.io/expose": "true"},
+                         "annotations": {"winmesh.io/mesh-service": "locked"}},
+            "spec": {"selector": {"app": "locked"}, "ports": [{"name": "http", "port": 8080}]}}),
+    );
+    kube.apply(
+        PODS,
+        json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "locked-1", "namespace": "win", "labels": {"app": "locked"}},
+            "spec": {"serviceAccountName": "locked", "nodeName": "win-1", "containers": []},
+            "status": {"phase": "Running", "podIP": "127.0.0.1"}}),
+    );
+    kube.apply(
+        ENDPOINT_SLICES,
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "locked-backend-1", "namespace": "win",
+                         "labels": {"kubernetes.io/service-name": "locked-backend"}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": port}],
+            "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": true}, "nodeName": "win-1",
+                           "targetRef": {"kind": "Pod", "name": "locked-1", "namespace": "win"}}]}),
+    );
+}
+
+/// Per-workload identity from istiod: winmesh mints each Windows app's token with TokenRequest
+/// (audience `istio-ca`, short expiry), istiod authenticates it by review and signs the app's
+/// SPIFFE ID, and the gateway presents it. A refused TokenRequest makes only that identity
+/// Unavailable; once allowed, it recovers without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_workload_certificates_come_from_istiod_with_minted_tokens() {
+    use support::fake_istiod::FakeIstiod;
+    use winmesh::identity::istiod::{CaBackend, IstiodCa, SignRequest};
+    let Some(bin) = support::envoy_bin() else {
+        return;
+    };
+    support::init_tracing();
+    let win_a = Backend::start("winapp-a").await;
+    let locked = Backend::start("locked").await;
+    let istiod = FakeIstiod::start(
+        &[("tok-gw", GW_ID), ("tok-linux", LINUX_ID)],
+        "istiod.istio-system.svc",
+    )
+    .await;
+    let kube = FakeKube::start(&[]).await;
+    let review = kube.token_review();
+    istiod.set_token_review(Arc::new(move |t: &str| {
+        review(t).map(|(namespace, service_account)| SpiffeId {
+            trust_domain: "cluster.local".into(),
+            namespace,
+            service_account,
+        })
+    }));
+    kube.deny_tokens("win", "locked", true);
+    kube.apply(PODS, gateway_pod());
+    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
+    );
+    kube.apply(SERVICES, opted_in(json!({})));
+    locked_app(&kube, locked.addr.port());
+
+    let dir = tempfile::tempdir().unwrap();
+    kube.write_kubeconfig(&dir.path().join("kubeconfig"));
+    std::fs::write(dir.path().join("istio-token"), "tok-gw\n").unwrap();
+    std::fs::write(dir.path().join("root-cert.pem"), &istiod.root_pem).unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), "").unwrap();
+    let gw_port = free_port();
+    let cfg_path = dir.path().join("winmesh.yaml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "xds:\n  listen: 127.0.0.1:0\ndebug:\n  listen: 127.0.0.1:0\n\
+             identity:\n  namespace: winmesh\n  service_account: gw\n  token_file: istio-token\n\
+             ca:\n  mode: istiod\n  address: {}\n  root_cert_file: root-cert.pem\n  timeout: 2s\n\
+             mesh:\n  file: mesh.yaml\n  kubernetes:\n    enabled: true\n    kubeconfig: kubeconfig\n    debounce: 50ms\n    state_file: ''\n\
+             \x20   windows:\n      gateway_port: {gw_port}\n      node_name: win-1\n      mint_tokens: true\n      token_ttl: 10m\n\
+             gateway:\n  inbound_address: 127.0.0.1\n  outbound_address: 127.0.0.1\n  outbound_port: {}\n",
+            istiod.addr,
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut cfg = winmesh::config::Config::load(&cfg_path).unwrap();
+    let server = winmesh::serve::start(cfg.clone()).await.unwrap();
+    cfg.xds.listen = server.running.xds_addr;
+    let gateway = Envoy::start(&bin, &bootstrap_yaml(&cfg, &BootstrapOptions::default())).await;
+    let debug = server.running.debug_addr;
+    let certs = || async move {
+        let (_, body) = winmesh::status::http_get(debug, "/debug/certs", None)
+            .await
+            .unwrap_or_default();
+        serde_json::from_str::<Value>(&body).unwrap_or(Value::Null)
+    };
+    let state_of = |v: &Value, id: &str| -> String {
+        v["identities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|i| i["identity"] == id)
+            .and_then(|i| i["state"].as_str())
+            .unwrap_or("absent")
+            .to_string()
+    };
+    let last = std::sync::Mutex::new(String::new());
+    let last = &last;
+    let diag = || async {
+        let last_call = last.lock().unwrap().clone();
+        let (_, reg) = winmesh::status::http_get(debug, "/debug/registryz", None)
+            .await
+            .unwrap_or_default();
+        format!(
+            "last call: {}\nstats: {:?}\ncerts: {}\nregistryz: {reg}\nlisteners: {:?}\nGATEWAY {}",
+            last_call,
+            gateway
+                .admin_get("/stats?filter=listener_manager|ssl.handshake|downstream_cx|sds")
+                .await,
+            certs().await,
+            gateway.admin_get("/listeners").await,
+            gateway.diagnostics().await
+        )
+    };
+
+    // A Linux caller with an istiod-issued certificate.
+    std::fs::write(dir.path().join("linux-token"), "tok-linux").unwrap();
+    let ca = IstiodCa {
+        address: istiod.addr.to_string(),
+        server_name: "istiod.istio-system.svc".into(),
+        root_cert_file: dir.path().join("root-cert.pem"),
+        cluster_id: "Kubernetes".into(),
+        timeout: Duration::from_secs(5),
+        cert_signer: String::new(),
+    };
+    let id = SpiffeId::parse(LINUX_ID).unwrap();
+    let k = winmesh::identity::csr::generate(&id).unwrap();
+    let chain = ca
+        .sign(SignRequest {
+            identity: id,
+            csr_pem: k.csr_pem,
+            ttl: Duration::from_secs(3600),
+            token_file: Some(dir.path().join("linux-token")),
+            minter: None,
+            now: std::time::SystemTime::now(),
+        })
+        .await
+        .unwrap();
+    let linux = MeshClient {
+        chain_pem: chain[..chain.len() - 1].concat(),
+        key_pem: k.key.expose().to_string(),
+        roots_pem: istiod.root_pem.clone(),
+    };
+    let call = |host: &'static str, san: &'static str| {
+        let linux = &linux;
+        async move {
+            linux
+                .get(
+                    SocketAddr::from(([127, 0, 0, 1], gw_port)),
+                    &format!("outbound_.8080_._.{host}"),
+                    &["istio-http/1.1", "istio", "http/1.1"],
+                    SanCheck::Exact(vec![san.into()]),
+                    "/",
+                )
+                .await
+        }
+    };
+    // winapp is served with its own istiod-signed identity.
+    let r = wait_for(
+        "winapp presents its istiod certificate",
+        T,
+        diag,
+        || async {
+            let r = call(WIN_HOST, WIN_ID).await;
+            *last.lock().unwrap() = format!("{:?}", r.as_ref().map(|r| (r.status, &r.body)));
+            r.ok().filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    assert_eq!(r.body, "winapp-a");
+    let minted = kube.minted();
+    let m = minted
+        .iter()
+        .find(|m| m.service_account == "winapp")
+        .expect("a token was minted for winapp");
+    assert_eq!(
+        (m.namespace.as_str(), m.audiences.clone()),
+        ("win", vec!["istio-ca".to_string()])
+    );
+    assert_eq!(m.expiration_seconds, 600, "the configured short expiry");
+    // The refused one is Unavailable, says why, and leaks no token; the others are unaffected.
+    let v = wait_for("locked identity unavailable", T, diag, || async {
+        let v = certs().await;
+        state_of(&v, "spiffe://cluster.local/ns/win/sa/locked")
+            .starts_with("Unavailable")
+            .then_some(v)
+    })
+    .await;
+    let text = v.to_string();
+    assert!(text.contains("TokenRequest for win/locked"), "{text}");
+    assert!(
+        !text.contains("minted-"),
+        "no token in debug output: {text}"
+    );
+    assert_eq!(state_of(&v, WIN_ID), "Available");
+    assert_eq!(state_of(&v, GW_ID), "Available");
+    // RBAC fixed: it recovers on its own (backoff, no restart).
+    kube.deny_tokens("win", "locked", false);
+    wait_for("locked recovers", T, diag, || async {
+        call(
+            "locked.win.svc.cluster.local",
+            "spiffe://cluster.local/ns/win/sa/locked",
+        )
+        .await
+        .ok()
+        .filter(|r| r.status == 200)
+    })
+    .await;
+    gateway.stop().await;
+    server.stop().await;
+}

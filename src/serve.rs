@@ -50,6 +50,7 @@ pub fn start_identity(
         IdentitySpec {
             id,
             token_file: cfg.identity.token_file.clone(),
+            minter: None,
         },
         metrics,
         Clock::new(),
@@ -62,6 +63,7 @@ pub fn start_identity(
             Ok(IdentitySpec {
                 id: SpiffeId::parse(&x.spiffe_id)?,
                 token_file: x.token_file.clone(),
+                minter: None,
             })
         })
         .collect::<Result<Vec<_>, crate::identity::SpiffeIdError>>()
@@ -126,12 +128,27 @@ async fn translate_loop(
     config_extra: Vec<IdentitySpec>,
     // istiod needs a token per identity; the dev CA does not.
     needs_tokens: bool,
+    // Mints tokens for identities without a configured token file (cluster mode).
+    minter: Option<Arc<crate::discovery::tokens::KubeTokens>>,
     registry: Arc<std::sync::RwLock<RegistryView>>,
     readiness: Arc<crate::debug::Readiness>,
     metrics: Arc<Metrics>,
+    // Which identities hold a certificate: a change re-translates (see `Ctx::certified`).
+    mut secrets: Option<watch::Receiver<SecretSet>>,
 ) {
+    let certified_now = |s: &mut Option<watch::Receiver<SecretSet>>| {
+        s.as_mut().map(|rx| {
+            rx.borrow_and_update()
+                .certs
+                .keys()
+                .cloned()
+                .collect::<std::collections::BTreeSet<SpiffeId>>()
+        })
+    };
+    let mut ctx = ctx;
     let mut logged: Vec<String> = Vec::new();
     loop {
+        ctx.certified = certified_now(&mut secrets);
         let st = states.borrow_and_update().clone();
         if let Some(mesh) = &st.mesh {
             // CPU work off the async runtime: streams keep being served during a large translation.
@@ -165,9 +182,14 @@ async fn translate_loop(
                 let mut specs = config_extra.clone();
                 for id in mesh.identities() {
                     if !specs.iter().any(|s| s.id == id) {
-                        if needs_tokens && id != ctx.default_identity {
+                        // Minted through TokenRequest when configured (cluster mode).
+                        let minter = minter
+                            .as_ref()
+                            .filter(|_| needs_tokens && id != ctx.default_identity)
+                            .map(|t| t.minter(&id.namespace, &id.service_account));
+                        if needs_tokens && id != ctx.default_identity && minter.is_none() {
                             let w = format!(
-                                "identity {id} (used by a Windows service) has no token: add it to identity.extra with a token_file, or its listener waits for a certificate forever"
+                                "identity {id} (used by a Windows service) has no token: add it to identity.extra with a token_file, or set mesh.kubernetes.windows.mint_tokens; until then its listener waits for a certificate"
                             );
                             tracing::warn!("{w}");
                             warnings.push(w);
@@ -175,6 +197,7 @@ async fn translate_loop(
                         specs.push(IdentitySpec {
                             id,
                             token_file: None,
+                            minter,
                         });
                     }
                 }
@@ -201,8 +224,35 @@ async fn translate_loop(
                 warnings: Vec::new(),
             };
         }
-        if states.changed().await.is_err() {
-            return;
+        // Wait for a new mesh state, or for an identity to gain or lose its certificate
+        // (renewals of existing ones change nothing here).
+        loop {
+            let secrets_changed = async {
+                match secrets.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = states.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    break;
+                }
+                ok = secrets_changed => {
+                    if !ok {
+                        secrets = None;
+                        continue;
+                    }
+                    let now = secrets.as_ref().map(|rx| {
+                        rx.borrow().certs.keys().cloned().collect::<std::collections::BTreeSet<_>>()
+                    });
+                    if now != ctx.certified {
+                        break;
+                    }
+                }
+            }
         }
     }
 }
@@ -268,6 +318,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         }
     }
     // With Kubernetes, the file's state and the mirror are combined into the state translated.
+    let mut token_minter = None;
     let state_rx = if cfg.mesh.kubernetes.enabled {
         let k = &cfg.mesh.kubernetes;
         let client = crate::discovery::kube::client(k.kubeconfig.as_deref())
@@ -285,6 +336,13 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         };
         info!("mirroring the mesh from the Kubernetes API");
         let publish_client = source.client.clone();
+        if k.windows.enabled && k.windows.mint_tokens {
+            token_minter = Some(crate::discovery::tokens::KubeTokens::new(
+                source.client.clone(),
+                k.windows.token_ttl,
+                metrics.clone(),
+            ));
+        }
         tasks.push(tokio::spawn(source.run(kube_tx, running.shutdown_signal())));
         let p = &k.windows.publish;
         if k.windows.enabled && p.enabled {
@@ -333,6 +391,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         file_rx
     };
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: cfg.mesh.mtls.clone(),
         secrets_via: cfg.xds.secrets,
         default_identity: cfg.identity.spiffe_id()?,
@@ -346,6 +405,7 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
             Ok(IdentitySpec {
                 id: SpiffeId::parse(&x.spiffe_id)?,
                 token_file: x.token_file.clone(),
+                minter: None,
             })
         })
         .collect::<Result<Vec<_>, crate::identity::SpiffeIdError>>()?;
@@ -363,9 +423,11 @@ pub async fn start(cfg: Config) -> anyhow::Result<Server> {
         identity.clone(),
         config_extra,
         cfg.ca.as_ref().is_some_and(|c| c.mode == CaMode::Istiod),
+        token_minter,
         registry,
         running.readiness.clone(),
         metrics.clone(),
+        identity.as_ref().map(|_| secrets.clone()),
     )));
 
     running

@@ -45,6 +45,7 @@ pub struct Seen {
 
 pub struct FakeIstiod {
     pub addr: SocketAddr,
+    review: Arc<Mutex<Option<TokenReview>>>,
     /// Mesh root bundle (both roots) for clients to trust.
     pub root_pem: String,
     pub mode: Arc<Mutex<Mode>>,
@@ -58,9 +59,13 @@ impl Drop for FakeIstiod {
     }
 }
 
+/// Stands in for istiod's TokenReview: a token not in the fixed map is asked about here.
+pub type TokenReview = Arc<dyn Fn(&str) -> Option<SpiffeId> + Send + Sync>;
+
 struct Svc {
     ca: DevCa,
     tokens: HashMap<String, SpiffeId>,
+    review: Arc<Mutex<Option<TokenReview>>>,
     cluster_id: String,
     mode: Arc<Mutex<Mode>>,
     seen: Arc<Mutex<Seen>>,
@@ -114,11 +119,13 @@ impl IstioCertificateService for Svc {
                 self.cluster_id
             )));
         }
-        let Some(id) = self.tokens.get(&token) else {
+        let reviewed = self.review.lock().unwrap().as_ref().and_then(|r| r(&token));
+        let Some(id) = self.tokens.get(&token).cloned().or(reviewed) else {
             return Err(Status::unauthenticated(
                 "authenticate failure [token invalid]",
             ));
         };
+        let id = &id;
         if req.validity_duration <= 0 || req.validity_duration > 90 * 86400 {
             return Err(Status::invalid_argument(
                 "requested TTL is greater than the max allowed TTL",
@@ -163,7 +170,9 @@ impl FakeIstiod {
         let root_pem = ca.roots_pem();
         let mode = Arc::new(Mutex::new(Mode::Normal));
         let seen = Arc::new(Mutex::new(Seen::default()));
+        let review: Arc<Mutex<Option<TokenReview>>> = Arc::new(Mutex::new(None));
         let svc = Svc {
+            review: review.clone(),
             ca,
             tokens: tokens
                 .iter()
@@ -186,11 +195,17 @@ impl FakeIstiod {
         });
         FakeIstiod {
             addr,
+            review,
             root_pem,
             mode,
             seen,
             task,
         }
+    }
+
+    /// Tokens outside the fixed map are reviewed by `r` (as istiod asks the API server).
+    pub fn set_token_review(&self, r: TokenReview) {
+        *self.review.lock().unwrap() = Some(r);
     }
 
     pub fn set_mode(&self, m: Mode) {

@@ -259,6 +259,21 @@ impl FakeKube {
         self.shared.inner.lock().unwrap().minted.clone()
     }
 
+    /// TokenReview as the API server answers it for istiod: the identity of a token this server
+    /// minted for audience `istio-ca`.
+    pub fn token_review(
+        &self,
+    ) -> impl Fn(&str) -> Option<(String, String)> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move |token: &str| {
+            let g = shared.inner.lock().unwrap();
+            g.minted
+                .iter()
+                .find(|m| m.token == token && m.audiences.iter().any(|a| a == "istio-ca"))
+                .map(|m| (m.namespace.clone(), m.service_account.clone()))
+        }
+    }
+
     /// Refuses (403) TokenRequests for `namespace/sa`, or stops doing so.
     pub fn deny_tokens(&self, namespace: &str, sa: &str, on: bool) {
         let mut g = self.shared.inner.lock().unwrap();

@@ -246,7 +246,10 @@ impl MeshClient {
                 .await
                 .map_err(|e| e.to_string())?;
             let mut buf = Vec::new();
-            let _ = tls.read_to_end(&mut buf).await;
+            let read = tls.read_to_end(&mut buf).await;
+            if let (Err(e), true) = (&read, buf.is_empty()) {
+                return Err(format!("reading the response: {e}"));
+            }
             let text = String::from_utf8_lossy(&buf).to_string();
             let (head, body) = text
                 .split_once("\r\n\r\n")

@@ -5,6 +5,7 @@ pub mod file;
 pub mod kube;
 pub mod kube_windows;
 pub mod publish;
+pub mod tokens;
 pub mod watch;
 
 use std::sync::Arc;

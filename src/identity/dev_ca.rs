@@ -71,6 +71,10 @@ fn ca_params(org: &str, cn: &str, now: SystemTime, ttl: Duration) -> Certificate
     p.not_before = (now - Duration::from_secs(120)).into();
     p.not_after = (now + ttl).into();
     p.serial_number = Some(serial());
+    // Authority key identifiers, as istiod's (Go x509) certificates carry: with two roots of the
+    // same name in a bundle (a root rotation), a verifier then picks the issuer by key, not by
+    // name alone (BoringSSL otherwise fails such chains half the time with a bad signature).
+    p.use_authority_key_identifier_extension = true;
     p
 }
 
@@ -280,6 +284,7 @@ impl DevCa {
         p.not_before = (now - Duration::from_secs(120)).into();
         p.not_after = (now + ttl).into();
         p.serial_number = Some(serial());
+        p.use_authority_key_identifier_extension = true;
         let leaf = p
             .signed_by(public_key, &self.issuer)
             .map_err(|e| DevCaError::Sign(e.to_string()))?;
@@ -304,6 +309,7 @@ impl DevCa {
         p.not_before = (SystemTime::now() - Duration::from_secs(120)).into();
         p.not_after = (SystemTime::now() + ttl).into();
         p.serial_number = Some(serial());
+        p.use_authority_key_identifier_extension = true;
         let cert = p
             .signed_by(&key, &self.issuer)
             .map_err(|e| DevCaError::Sign(e.to_string()))?;

@@ -40,6 +40,8 @@ pub struct SignRequest {
     pub ttl: Duration,
     /// Token proving the identity (istiod); unused by the dev CA.
     pub token_file: Option<PathBuf>,
+    /// Mints the token instead (TokenRequest); takes precedence over `token_file`.
+    pub minter: Option<super::token::Minter>,
     pub now: std::time::SystemTime,
 }
 
@@ -86,7 +88,17 @@ fn read(path: &Path, what: &str) -> Result<String, CaError> {
 }
 
 impl IstiodCa {
-    async fn call(&self, req: SignRequest) -> Result<Vec<String>, CaError> {
+    async fn token(req: &SignRequest) -> Result<String, CaError> {
+        if let Some(m) = &req.minter {
+            let t = m.0.token().await?;
+            if t.trim().is_empty() {
+                return Err(CaError::new(
+                    Code::FailedPrecondition,
+                    format!("the token minted for {} is empty", m.0.subject()),
+                ));
+            }
+            return Ok(t.trim().to_string());
+        }
         let token_file = req.token_file.as_deref().ok_or_else(|| {
             CaError::new(
                 Code::FailedPrecondition,
@@ -102,6 +114,12 @@ impl IstiodCa {
                 format!("token file {} is empty", token_file.display()),
             ));
         }
+        Ok(token.to_string())
+    }
+
+    async fn call(&self, req: SignRequest) -> Result<Vec<String>, CaError> {
+        let token = Self::token(&req).await?;
+        let token = token.as_str();
         let root = read(&self.root_cert_file, "mesh root certificate")?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(root))

@@ -27,6 +27,8 @@ pub struct IdentitySpec {
     pub id: SpiffeId,
     /// Service-account token (audience `istio-ca`) proving this identity to istiod.
     pub token_file: Option<PathBuf>,
+    /// Or a minter that asks Kubernetes for one (takes precedence over `token_file`).
+    pub minter: Option<super::token::Minter>,
 }
 
 /// Wall-clock time that advances with tokio's clock, so paused-time tests drive rotation.
@@ -348,6 +350,7 @@ async fn fetch(inner: &Inner, spec: &IdentitySpec) -> Result<CertBundle, CaError
             csr_pem: k.csr_pem,
             ttl: inner.ttl,
             token_file: spec.token_file.clone(),
+            minter: spec.minter.clone(),
             now: inner.clock.now(),
         })
         .await?;
@@ -566,6 +569,7 @@ mod tests {
         IdentitySpec {
             id: SpiffeId::parse("spiffe://cluster.local/ns/win/sa/gw").unwrap(),
             token_file: None,
+            minter: None,
         }
     }
 
@@ -832,6 +836,7 @@ mod tests {
         let app = IdentitySpec {
             id: SpiffeId::parse("spiffe://cluster.local/ns/win/sa/app").unwrap(),
             token_file: None,
+            minter: None,
         };
         m.set_identities(vec![app.clone()]);
         settle().await;

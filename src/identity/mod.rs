@@ -8,6 +8,7 @@ pub mod istiod;
 pub mod manager;
 pub mod pb;
 pub mod rotation;
+pub mod token;
 pub mod verify;
 
 use std::collections::BTreeMap;

@@ -169,7 +169,19 @@ pub fn translate(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, notes: &mut Vec<S
     // gateway port → chains
     let mut by_port: BTreeMap<u16, Vec<FilterChain>> = BTreeMap::new();
     for svc in &mesh.windows_services {
-        let cert = ctx.sds_name_for(svc.identity.as_ref());
+        // An identity istiod has not signed (yet) must not hold the shared port's listener back:
+        // meanwhile the gateway presents its own, which Istio clients accept for these services
+        // (the gateway pods are their endpoints, so istiod lists the gateway's account too).
+        let cert = match svc.identity.as_ref() {
+            Some(id) if !ctx.has_cert(id) => {
+                notes.push(format!(
+                    "{}: no certificate for {id} yet; presenting the gateway's own identity meanwhile",
+                    svc.host
+                ));
+                ctx.sds_name_for(None)
+            }
+            id => ctx.sds_name_for(id),
+        };
         for p in &svc.ports {
             let cluster = inbound_cluster_name(p.port, &svc.host);
             let http = !p.protocol.is_tcp();

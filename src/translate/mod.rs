@@ -23,9 +23,19 @@ pub struct Ctx {
     pub trust_domain_aliases: Vec<String>,
     /// TLS parameters of the gateway's mesh-facing (server) side, like MeshConfig `meshMTLS`.
     pub mesh_mtls: crate::config::MeshMtls,
+    /// Identities that hold a certificate now (`None`: assume all do). Envoy keeps a listener
+    /// warming until every secret it names exists, so one identity istiod has not signed (yet)
+    /// would otherwise keep every service on a shared port down.
+    pub certified: Option<std::collections::BTreeSet<SpiffeId>>,
 }
 
 impl Ctx {
+    /// Whether `id` has a certificate (the gateway's own is always assumed: every listener
+    /// needs it).
+    pub fn has_cert(&self, id: &SpiffeId) -> bool {
+        *id == self.default_identity || self.certified.as_ref().is_none_or(|c| c.contains(id))
+    }
+
     /// SDS secret name of the certificate presented for an identity.
     pub fn sds_name_for(&self, id: Option<&SpiffeId>) -> String {
         match id {

@@ -109,7 +109,11 @@ impl Caller {
     /// One caller per identity of the Windows pods on this node (services from Kubernetes). An
     /// address claimed by two identities (a pod behind two services that present different
     /// accounts) stays with the first, by SPIFFE ID, and is reported.
-    fn by_source(mesh: &Mesh, ctx: &Ctx, warnings: &mut Vec<String>) -> Vec<Caller> {
+    fn by_source<'m>(
+        mesh: &'m Mesh,
+        ctx: &Ctx,
+        warnings: &mut Vec<String>,
+    ) -> Vec<(Caller, &'m crate::identity::SpiffeId)> {
         let mut by_id: BTreeMap<&crate::identity::SpiffeId, BTreeSet<std::net::IpAddr>> =
             BTreeMap::new();
         for w in &mesh.windows_services {
@@ -137,14 +141,17 @@ impl Caller {
             if sources.is_empty() {
                 continue;
             }
-            out.push(Caller {
-                cert: ctx.sds_name_for(Some(id)),
-                cluster_suffix: format!("|sa-{}.{}", id.service_account, id.namespace),
-                listener: source_route_name(id),
-                port: None,
-                sources,
-                tcp_ports: false,
-            });
+            out.push((
+                Caller {
+                    cert: ctx.sds_name_for(Some(id)),
+                    cluster_suffix: format!("|sa-{}.{}", id.service_account, id.namespace),
+                    listener: source_route_name(id),
+                    port: None,
+                    sources,
+                    tcp_ports: false,
+                },
+                id,
+            ));
         }
         out
     }
@@ -296,8 +303,16 @@ fn shared_and_callers(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &m
         translate_for(mesh, ctx, &caller, out, &mut Vec::new());
     }
     let by_source = Caller::by_source(mesh, ctx, warnings);
-    for caller in &by_source {
-        shared.push(translate_for(mesh, ctx, caller, out, &mut Vec::new()));
+    for (caller, id) in &by_source {
+        if ctx.has_cert(id) {
+            shared.push(translate_for(mesh, ctx, caller, out, &mut Vec::new()));
+        } else {
+            // Its pods must not call as someone else: 503 until the certificate exists.
+            warnings.push(format!(
+                "no certificate for {id} yet: calls from its Windows pods get 503 meanwhile"
+            ));
+            shared.push(Some(unavailable_chain(caller, id)));
+        }
     }
     // The shared outbound listener: a chain per identity selected by the caller's address (Envoy
     // picks the most specific source match), and the gateway's own chain for everyone else,
@@ -319,6 +334,68 @@ fn shared_and_callers(mesh: &Mesh, ctx: &Ctx, out: &mut Translated, warnings: &m
         filter_chains: chains,
         ..Default::default()
     });
+}
+
+fn source_match(sources: &[std::net::IpAddr]) -> Option<FilterChainMatch> {
+    (!sources.is_empty()).then(|| FilterChainMatch {
+        source_prefix_ranges: sources
+            .iter()
+            .map(|ip| CidrRange {
+                address_prefix: ip.to_string(),
+                prefix_len: Some(UInt32Value {
+                    value: if ip.is_ipv4() { 32 } else { 128 },
+                }),
+            })
+            .collect(),
+        ..Default::default()
+    })
+}
+
+/// A source-matched chain that answers 503 (its identity has no certificate yet).
+fn unavailable_chain(caller: &Caller, id: &crate::identity::SpiffeId) -> FilterChain {
+    use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source};
+    use envoy_types::pb::envoy::config::route::v3::DirectResponseAction;
+    let hcm = HttpConnectionManager {
+        stat_prefix: caller.listener.clone(),
+        codec_type: CodecType::Auto as i32,
+        route_specifier: Some(RouteSpecifier::RouteConfig(RouteConfiguration {
+            name: caller.listener.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name: "unavailable".into(),
+                domains: vec!["*".into()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::DirectResponse(DirectResponseAction {
+                        status: 503,
+                        body: Some(DataSource {
+                            specifier: Some(data_source::Specifier::InlineString(format!(
+                                "winmesh: no certificate for {id} yet\n"
+                            ))),
+                            ..Default::default()
+                        }),
+                        body_format: None,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        http_filters: vec![router()],
+        ..Default::default()
+    };
+    FilterChain {
+        name: caller.listener.clone(),
+        filter_chain_match: source_match(&caller.sources),
+        filters: vec![network_filter(
+            "envoy.filters.network.http_connection_manager",
+            hcm,
+        )],
+        ..Default::default()
+    }
 }
 
 /// The clusters and route configuration of one caller, and its own listener if it has a port.
@@ -437,19 +514,7 @@ fn translate_for(
         } else {
             caller.listener.clone()
         },
-        filter_chain_match: (!caller.sources.is_empty()).then(|| FilterChainMatch {
-            source_prefix_ranges: caller
-                .sources
-                .iter()
-                .map(|ip| CidrRange {
-                    address_prefix: ip.to_string(),
-                    prefix_len: Some(UInt32Value {
-                        value: if ip.is_ipv4() { 32 } else { 128 },
-                    }),
-                })
-                .collect(),
-            ..Default::default()
-        }),
+        filter_chain_match: source_match(&caller.sources),
         filters: vec![network_filter(
             "envoy.filters.network.http_connection_manager",
             hcm,

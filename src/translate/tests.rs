@@ -64,6 +64,7 @@ fn translated() -> Translated {
     let (mesh, errs) = parse(MESH, &settings()).unwrap();
     assert!(errs.is_empty(), "{errs:?}");
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
@@ -632,6 +633,7 @@ peer_authentications:
     .unwrap();
     assert!(errs.is_empty(), "{errs:?}");
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
@@ -679,6 +681,7 @@ fn identical_input_gives_identical_bytes() {
     .unwrap();
     let (mesh, _) = parse(&text, &settings()).unwrap();
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
@@ -724,6 +727,7 @@ fn a_gateway_port_may_not_reuse_the_windows_facing_ports() {
 fn trust_domain_aliases_are_accepted_callers() {
     let (mesh, _) = parse(MESH, &settings()).unwrap();
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec!["old.example".into()],
@@ -770,6 +774,7 @@ fn trust_domain_aliases_are_accepted_callers() {
     let (t0, _) = translate(
         &mesh,
         &Ctx {
+            certified: None,
             mesh_mtls: Default::default(),
             trust_domain_aliases: vec![],
             ..ctx
@@ -796,6 +801,7 @@ fn a_windows_service_can_call_the_mesh_with_its_own_identity() {
     assert!(errs.is_empty(), "{errs:?}");
     assert_eq!(mesh.windows_services[1].outbound_port, Some(15002));
     let ctx = Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
@@ -906,6 +912,7 @@ fn tcp_chains_offer_istio_server_alpn_and_mesh_mtls_is_configurable() {
     let (mesh, errs) = parse(text, &settings()).unwrap();
     assert!(errs.is_empty(), "{errs:?}");
     let mut ctx = Ctx {
+        certified: None,
         mesh_mtls: crate::config::MeshMtls {
             min_protocol_version: crate::config::TlsVersion::Tls13,
             cipher_suites: vec!["ECDHE-ECDSA-AES256-GCM-SHA384".into()],
@@ -987,6 +994,7 @@ peer_authentications:
 
 fn ctx() -> Ctx {
     Ctx {
+        certified: None,
         mesh_mtls: Default::default(),
         secrets_via: crate::config::SecretsVia::Ads,
         trust_domain_aliases: vec![],
