@@ -596,6 +596,11 @@ pub fn publications(
             MANAGED_BY_LABEL: MANAGED_BY,
             APP_SERVICE_LABEL: app_name,
         });
+        // istiod's SAN list for a host is the Service's accounts (this annotation, read in
+        // pilot/pkg/serviceregistry/kube/conversion.go) joined with the accounts of its endpoints'
+        // pods (here: the gateway's), expanded with trust-domain aliases
+        // (pilot/pkg/model/push_context.go, addServiceAccounts). Clients then accept the app's
+        // identity, which the gateway presents for it, and the gateway's own.
         let annotations = serde_json::json!({
             "alpha.istio.io/kubernetes-serviceaccounts": o.service_accounts.join(","),
         });
