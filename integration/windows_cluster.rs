@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::fake_kube::{
-    AUTHORIZATION_POLICIES, ENDPOINT_SLICES, FakeKube, LEASES, PODS, SERVICES,
+    AUTHORIZATION_POLICIES, AUTHORIZATION_POLICIES_V1BETA1, ENDPOINT_SLICES, FakeKube, LEASES,
+    PODS, SERVICES,
 };
 use support::tls::{MeshClient, SanCheck};
 use support::{Backend, Envoy, free_port, wait_for};
@@ -227,10 +228,15 @@ impl World {
 }
 
 async fn start_world(linux_sc_in: u16) -> Option<World> {
+    start_world_missing(linux_sc_in, &[]).await
+}
+
+/// `missing`: collections the fake API server answers 404 for.
+async fn start_world_missing(linux_sc_in: u16, missing: &[&str]) -> Option<World> {
     let bin = support::envoy_bin()?;
     support::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let kube = FakeKube::start(&[]).await;
+    let kube = FakeKube::start(missing).await;
     kube.apply(PODS, gateway_pod());
     linux_objects(&kube, linux_sc_in);
     let kubeconfig = dir.path().join("kubeconfig");
@@ -498,6 +504,40 @@ async fn a_windows_app_joins_the_mesh_from_kubernetes_objects_only() {
         "the app Service is the user's"
     );
     sidecar.stop().await;
+    w.gateway.stop().await;
+    w.server.stop().await;
+}
+
+/// An Istio without `security.istio.io/v1` (before 1.22) serves AuthorizationPolicies as v1beta1:
+/// they are enforced all the same (missing them would fail open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1beta1_authorization_policies_are_enforced_too() {
+    let win_a = Backend::start("winapp-a").await;
+    let Some(w) = start_world_missing(free_port(), &[AUTHORIZATION_POLICIES]).await else {
+        return;
+    };
+    let kube = &w.kube;
+    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
+    );
+    kube.apply(
+        AUTHORIZATION_POLICIES_V1BETA1,
+        json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-linux", "namespace": "win"},
+            "spec": {"action": "DENY",
+                     "rules": [{"from": [{"source": {"namespaces": ["linux"]}}]}]}}),
+    );
+    kube.apply(SERVICES, opted_in(json!({})));
+    let linux = w.mesh_client(LINUX_ID);
+    w.until_status("v1beta1 DENY enforced", &linux, 403).await;
+    let other = w.mesh_client("spiffe://cluster.local/ns/other/sa/x");
+    let r = w
+        .call(&other, vec![WIN_ID.into()], "/")
+        .await
+        .expect("other caller");
+    assert_eq!(r.status, 200);
     w.gateway.stop().await;
     w.server.stop().await;
 }

@@ -24,10 +24,18 @@ pub const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub const PEER_AUTHENTICATIONS: &str = "/apis/security.istio.io/v1/peerauthentications";
 pub const AUTHORIZATION_POLICIES: &str = "/apis/security.istio.io/v1/authorizationpolicies";
 pub const LEASES: &str = "/apis/coordination.k8s.io/v1/leases";
+/// What an Istio older than 1.22 serves (and newer ones alongside v1).
+pub const AUTHORIZATION_POLICIES_V1BETA1: &str =
+    "/apis/security.istio.io/v1beta1/authorizationpolicies";
 
 /// Collections by (API prefix, plural): the namespaced form `<prefix>/namespaces/<ns>/<plural>`
 /// maps onto the cluster-wide collection the mirror watches.
-const COLLECTIONS: [(&str, &str, &str); 6] = [
+const COLLECTIONS: [(&str, &str, &str); 7] = [
+    (
+        "/apis/security.istio.io/v1beta1",
+        "authorizationpolicies",
+        AUTHORIZATION_POLICIES_V1BETA1,
+    ),
     ("/api/v1", "services", SERVICES),
     ("/api/v1", "pods", PODS),
     (
@@ -576,6 +584,7 @@ async fn handle(
         ENDPOINT_SLICES,
         PEER_AUTHENTICATIONS,
         AUTHORIZATION_POLICIES,
+        AUTHORIZATION_POLICIES_V1BETA1,
         LEASES,
     ];
     if *s.down.borrow() {

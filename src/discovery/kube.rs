@@ -956,7 +956,7 @@ impl KubeSource {
                 .modify(|p: &mut Pod| *p = trim_pod(std::mem::take(p))),
         )
         .default_backoff();
-        let ar = peer_authentication_resource();
+        let ar = self.served_version(peer_authentication_resource()).await;
         let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let pas = w.as_reader();
         let s4 = reflector(
@@ -967,7 +967,7 @@ impl KubeSource {
             ),
         )
         .default_backoff();
-        let ar = authorization_policy_resource();
+        let ar = self.served_version(authorization_policy_resource()).await;
         let w = reflector::store::Writer::<DynamicObject>::new(ar.clone());
         let aps = w.as_reader();
         let s5 = reflector(
@@ -1174,6 +1174,32 @@ impl KubeSource {
                     return;
                 }
             }
+        }
+    }
+
+    /// Istio serves its security CRDs as `v1` since 1.22 and as `v1beta1` before (and alongside):
+    /// when the API answers 404 for `v1`, watch `v1beta1`, so an older Istio's AuthorizationPolicies
+    /// are not silently missed (that would fail open). Any other answer keeps `v1` (its watch then
+    /// reports what is wrong).
+    async fn served_version(&self, v1: ApiResource) -> ApiResource {
+        let probe = |ar: ApiResource| async move {
+            Api::<DynamicObject>::all_with(self.client.clone(), &ar)
+                .list(&kube::api::ListParams::default().limit(1))
+                .await
+        };
+        match probe(v1.clone()).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                let beta =
+                    ApiResource::from_gvk(&GroupVersionKind::gvk(&v1.group, "v1beta1", &v1.kind));
+                match probe(beta.clone()).await {
+                    Ok(_) => {
+                        info!(kind = %v1.kind, "security.istio.io/v1 is not served; watching v1beta1");
+                        beta
+                    }
+                    Err(_) => v1,
+                }
+            }
+            _ => v1,
         }
     }
 
