@@ -940,3 +940,101 @@ async fn per_workload_certificates_come_from_istiod_with_minted_tokens() {
     gateway.stop().await;
     server.stop().await;
 }
+
+/// Two winmesh (two Windows nodes) contend for the publisher Lease: exactly one leads and writes;
+/// when it shuts down it gives the Lease up and the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_publisher_is_elected_and_another_takes_over() {
+    use std::sync::RwLock;
+    use winmesh::discovery::kube::{KubeMesh, KubeState};
+    use winmesh::discovery::publish::{PublishStatus, Publisher};
+    support::init_tracing();
+    let kube = FakeKube::start(&[]).await;
+    kube.apply(PODS, gateway_pod());
+    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        app_slice(&[("winapp-a", "win-1", true, 8080)]),
+    );
+    kube.apply(SERVICES, opted_in(json!({})));
+    // The model both compute from the cluster (as their mirrors would).
+    let mut settings = MirrorSettings::new("cluster.local");
+    settings.publish = Some(winmesh::discovery::kube_windows::PublishSettings {
+        namespace: "winmesh".into(),
+        gateway_selector: [(
+            "app.kubernetes.io/name".to_string(),
+            "winmesh-gateway".to_string(),
+        )]
+        .into(),
+    });
+    let mesh: KubeMesh = build(&objects(&kube), &settings);
+    assert_eq!(mesh.publications.len(), 1);
+    let (_state_tx, state_rx) = tokio::sync::watch::channel(KubeState {
+        mesh: Some(Arc::new(mesh)),
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kc);
+    let client = winmesh::discovery::kube::client(Some(&kc)).await.unwrap();
+    let metrics = Arc::new(winmesh::metrics::Metrics::new());
+    let start = |name: &str| {
+        let status = Arc::new(RwLock::new(PublishStatus::default()));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let p = Publisher {
+            client: client.clone(),
+            namespace: "winmesh".into(),
+            lease_name: "winmesh-publisher".into(),
+            identity: name.into(),
+            lease_duration: Duration::from_secs(3),
+            metrics: metrics.clone(),
+            status: status.clone(),
+        };
+        let task = tokio::spawn(p.run(state_rx.clone(), stop_rx));
+        (status, stop_tx, task)
+    };
+    let (a, stop_a, task_a) = start("winmesh-win-1");
+    let (b, stop_b, task_b) = start("winmesh-win-2");
+    let leader = |s: &Arc<RwLock<PublishStatus>>| s.read().unwrap().leader;
+    wait_for(
+        "one leader",
+        T,
+        || async { String::new() },
+        || async { (leader(&a) ^ leader(&b)).then_some(()) },
+    )
+    .await;
+    wait_for(
+        "published",
+        T,
+        || async { String::new() },
+        || async { kube.get(ENDPOINT_SLICES, "win", "winapp-winmesh") },
+    )
+    .await;
+    // Several renewals later there is still exactly one leader, and the Lease names it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(leader(&a) ^ leader(&b), "exactly one leader");
+    // Keep both stop senders alive: dropping one would stop its publisher.
+    let (first, first_stop, first_task, other, _other_stop, _other_task) = if leader(&a) {
+        (a, stop_a, task_a, b, stop_b, task_b)
+    } else {
+        (b, stop_b, task_b, a, stop_a, task_a)
+    };
+    let holder =
+        kube.get(LEASES, "winmesh", "winmesh-publisher").unwrap()["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    assert_eq!(Some(holder), first.read().unwrap().holder.clone());
+    // The leader shuts down: it releases the Lease, the other takes over well within its duration.
+    first_stop.send_replace(true);
+    let _ = first_task.await;
+    let t0 = std::time::Instant::now();
+    wait_for(
+        "the other takes over",
+        T,
+        || async { String::new() },
+        || async { leader(&other).then_some(()) },
+    )
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
