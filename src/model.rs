@@ -144,6 +144,11 @@ pub struct Endpoint {
     /// The endpoint serves only the ports named in `ports` (an EndpointSlice lists the ports its
     /// endpoints have; istiod builds no endpoint for a port the slice lacks).
     pub listed_ports_only: bool,
+    /// Not ready because it is terminating, but still serving (EndpointSlice conditions
+    /// `terminating` and `serving`): a last resort for the gateway's Windows backends, as kube-proxy
+    /// uses such endpoints when no ready one is left.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub terminating_serving: bool,
 }
 
 impl Endpoint {
@@ -636,6 +641,7 @@ mod tests {
             node: None,
             ready: true,
             listed_ports_only: false,
+            terminating_serving: false,
         };
         let s = Service {
             name: "r".into(),

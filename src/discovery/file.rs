@@ -532,6 +532,7 @@ fn service(d: ServiceDoc, s: &FileSettings, notes: &mut Vec<String>) -> Result<S
             node: e.node,
             ready: e.ready,
             listed_ports_only: false,
+            terminating_serving: false,
         });
     }
     for sa in &d.service_accounts {

@@ -362,10 +362,17 @@ fn endpoints(
                 ready,
                 // istiod builds endpoints per slice port: a port the slice lacks has none.
                 listed_ports_only: true,
+                terminating_serving: !ready
+                    && ep
+                        .conditions
+                        .as_ref()
+                        .is_some_and(|c| c.terminating == Some(true) && c.serving == Some(true)),
             };
             match out.get_mut(&address) {
                 Some(existing) => {
                     existing.ready |= endpoint.ready;
+                    existing.terminating_serving &= !existing.ready;
+                    existing.terminating_serving |= endpoint.terminating_serving && !existing.ready;
                     for (k, v) in endpoint.ports {
                         existing.ports.entry(k).or_insert(v);
                     }

@@ -152,6 +152,7 @@ pub fn windows_service(
     };
     let mut backends = Vec::new();
     let mut local_pod_ips = Vec::new();
+    let mut draining = Vec::new();
     let (mut ready_remote, mut not_ready) = (0usize, 0usize);
     for e in &app.endpoints {
         let here = local(e.node.as_deref());
@@ -160,6 +161,13 @@ pub fn windows_service(
         }
         if !e.ready {
             not_ready += 1;
+            if here && e.terminating_serving {
+                draining.push(WindowsBackend {
+                    address: e.address,
+                    ports: e.ports.clone(),
+                    remote: false,
+                });
+            }
             continue;
         }
         if !here {
@@ -174,7 +182,15 @@ pub fn windows_service(
             remote: !here,
         });
     }
-    let status = if backends.iter().any(|b| !b.remote) {
+    // No ready pod here: pods that are terminating but still serving finish the job (kube-proxy's
+    // rule), before any other node's pod.
+    let only_draining = !draining.is_empty() && !backends.iter().any(|b| !b.remote);
+    if only_draining {
+        backends.extend(draining);
+    }
+    let status = if only_draining {
+        Some("only terminating pods that still serve are left on this node".to_string())
+    } else if backends.iter().any(|b| !b.remote) {
         None
     } else if !backends.is_empty() {
         Some(format!(
@@ -920,6 +936,71 @@ mod tests {
         let m = build(&world(), &settings(None, false));
         assert_eq!(m.windows_services[0].backends.len(), 2);
         assert!(m.windows_services[0].backends.iter().all(|b| !b.remote));
+    }
+
+    #[test]
+    fn terminating_pods_that_still_serve_are_a_last_resort() {
+        let terminating = |ip: &str, pod: &str| {
+            json!({"addresses": [ip], "nodeName": "win-1",
+                   "conditions": {"ready": false, "serving": true, "terminating": true},
+                   "targetRef": {"kind": "Pod", "name": pod, "namespace": "win"}})
+        };
+        let mut o = world();
+        // A ready pod here: the terminating one gets no new connections.
+        o.endpoint_slices = vec![slice(
+            "shop-backend",
+            json!([
+                ep("10.1.0.5", "shop-a", "win-1", true),
+                terminating("10.1.0.6", "shop-b")
+            ]),
+        )];
+        let m = build(&o, &settings(Some("win-1"), true));
+        let addrs: Vec<String> = m.windows_services[0]
+            .backends
+            .iter()
+            .map(|b| b.address.to_string())
+            .collect();
+        assert_eq!(addrs, vec!["10.1.0.5"]);
+        // Only the terminating one left here: it serves, ahead of other nodes' pods.
+        o.endpoint_slices = vec![slice(
+            "shop-backend",
+            json!([
+                terminating("10.1.0.6", "shop-b"),
+                ep("10.2.0.7", "shop-c", "win-2", true)
+            ]),
+        )];
+        let m = build(&o, &settings(Some("win-1"), true));
+        let w = &m.windows_services[0];
+        let got: Vec<(String, bool)> = w
+            .backends
+            .iter()
+            .map(|b| (b.address.to_string(), b.remote))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("10.2.0.7".to_string(), true),
+                ("10.1.0.6".to_string(), false)
+            ]
+        );
+        assert!(
+            w.origin
+                .as_ref()
+                .unwrap()
+                .status
+                .as_ref()
+                .unwrap()
+                .contains("terminating")
+        );
+        // A terminating pod that no longer serves is never used.
+        o.endpoint_slices = vec![slice(
+            "shop-backend",
+            json!([{"addresses": ["10.1.0.6"], "nodeName": "win-1",
+                    "conditions": {"ready": false, "serving": false, "terminating": true},
+                    "targetRef": {"kind": "Pod", "name": "shop-b", "namespace": "win"}}]),
+        )];
+        let m = build(&o, &settings(Some("win-1"), false));
+        assert!(m.windows_services[0].backends.is_empty());
     }
 
     #[test]
