@@ -667,11 +667,15 @@ impl Config {
         if self.node.cluster.trim().is_empty() {
             return Err(err("node.cluster", "must not be empty".into()));
         }
-        if !self.xds.listen.ip().is_loopback() && self.xds.token_file.is_none() {
+        // The ADS/SDS port hands out private keys over plaintext gRPC, and a shared bearer token
+        // can neither encrypt them nor bind a client to its node id: it is served on loopback
+        // only, to the Envoy beside winmesh (same pod or host). docs/security.md.
+        if !self.xds.listen.ip().is_loopback() {
             return Err(err(
-                "xds.token_file",
+                "xds.listen",
                 format!(
-                    "required because xds.listen {} is not a loopback address (this port serves private keys)",
+                    "{} is not a loopback address: this port hands out private keys in plaintext \
+                     and is served only to the Envoy beside winmesh (use 127.0.0.1)",
                     self.xds.listen
                 ),
             ));
@@ -951,9 +955,22 @@ mod tests {
     }
 
     #[test]
-    fn non_loopback_xds_requires_a_token() {
-        let e = Config::parse("xds:\n  listen: 0.0.0.0:15010\n", "c.yaml").unwrap_err();
-        assert_eq!(e.field, "xds.token_file");
+    fn non_loopback_xds_is_refused_and_debug_requires_a_token() {
+        for listen in ["0.0.0.0:15010", "10.1.2.3:15010", "[::]:15010"] {
+            let e = Config::parse(&format!("xds:\n  listen: \"{listen}\"\n"), "c.yaml").unwrap_err();
+            assert_eq!(e.field, "xds.listen", "{listen}");
+            assert!(e.message.contains("private keys"), "{e}");
+        }
+        // Not even with a token: it would cross the network in clear, with every key.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tok");
+        std::fs::write(&p, "t").unwrap();
+        let e = Config::parse(
+            &format!("xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n", p.display()),
+            "c.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "xds.listen");
         let e = Config::parse("debug:\n  listen: 10.1.2.3:15014\n", "c.yaml").unwrap_err();
         assert_eq!(e.field, "debug.token_file");
     }
@@ -964,7 +981,7 @@ mod tests {
         let p = dir.path().join("tok");
         std::fs::write(&p, "  s3cret-token\n").unwrap();
         let text = format!(
-            "xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n",
+            "xds:\n  listen: 127.0.0.1:15010\n  token_file: {}\n",
             p.display()
         );
         let c = Config::parse(&text, "c.yaml").unwrap();
