@@ -957,7 +957,8 @@ mod tests {
     #[test]
     fn non_loopback_xds_is_refused_and_debug_requires_a_token() {
         for listen in ["0.0.0.0:15010", "10.1.2.3:15010", "[::]:15010"] {
-            let e = Config::parse(&format!("xds:\n  listen: \"{listen}\"\n"), "c.yaml").unwrap_err();
+            let e =
+                Config::parse(&format!("xds:\n  listen: \"{listen}\"\n"), "c.yaml").unwrap_err();
             assert_eq!(e.field, "xds.listen", "{listen}");
             assert!(e.message.contains("private keys"), "{e}");
         }
@@ -966,7 +967,10 @@ mod tests {
         let p = dir.path().join("tok");
         std::fs::write(&p, "t").unwrap();
         let e = Config::parse(
-            &format!("xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n", p.display()),
+            &format!(
+                "xds:\n  listen: 0.0.0.0:15010\n  token_file: {}\n",
+                p.display()
+            ),
             "c.yaml",
         )
         .unwrap_err();

@@ -13,6 +13,7 @@ pub mod discovery;
 pub mod identity;
 pub mod metrics;
 pub mod model;
+pub mod proxyconfig;
 pub mod serve;
 pub mod sidecar;
 pub mod status;

@@ -111,6 +111,28 @@ enum Cmd {
         #[arg(long, requires = "envoy")]
         envoy_admin: Option<std::net::SocketAddr>,
     },
+    /// Show what the gateway Envoy has applied (like `istioctl proxy-config`), from its admin
+    /// endpoint or a saved `/config_dump`.
+    ProxyConfig {
+        /// What to show.
+        #[arg(value_enum)]
+        kind: winmesh::proxyconfig::Kind,
+        /// Only the resource (or, for endpoints, the cluster) of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Output format.
+        #[arg(long, short, value_enum, default_value = "table")]
+        output: winmesh::proxyconfig::Format,
+        /// Config file, to find the Envoy admin address (`envoy.admin`).
+        #[arg(long, short, env = "WINMESH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Envoy admin address (overrides the config).
+        #[arg(long, conflicts_with = "file")]
+        envoy_admin: Option<std::net::SocketAddr>,
+        /// A saved Envoy config dump (`curl localhost:15000/config_dump?include_eds`) instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -329,6 +351,62 @@ fn main() -> ExitCode {
                 .await
             })
         }
+        Cmd::ProxyConfig {
+            kind,
+            name,
+            output,
+            config,
+            envoy_admin,
+            file,
+        } => {
+            use winmesh::proxyconfig::{Kind, admin_path, render, rows};
+            let dump_and_health = match file {
+                Some(path) => std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|t| {
+                        serde_json::from_str::<serde_json::Value>(&t).map_err(|e| {
+                            format!("{}: not an Envoy config dump: {e}", path.display())
+                        })
+                    })
+                    .map(|d| (d, None)),
+                None => {
+                    let cfg = match config.as_deref().map(load).transpose() {
+                        Ok(c) => c.unwrap_or_default(),
+                        Err(code) => return code,
+                    };
+                    let admin = envoy_admin.unwrap_or(cfg.envoy.admin);
+                    let fetched: anyhow::Result<_> = runtime_value(async move {
+                        let (code, body) =
+                            winmesh::status::http_get(admin, admin_path(kind), None).await?;
+                        if code != 200 {
+                            anyhow::bail!("Envoy admin {admin} answered {code}");
+                        }
+                        let dump: serde_json::Value = serde_json::from_str(&body)?;
+                        let health = if kind == Kind::Endpoints {
+                            let (_, h) =
+                                winmesh::status::http_get(admin, "/clusters?format=json", None)
+                                    .await?;
+                            serde_json::from_str(&h).ok()
+                        } else {
+                            None
+                        };
+                        Ok((dump, health))
+                    });
+                    fetched.map_err(|e| format!("{e:#} (Envoy admin at {admin})"))
+                }
+            };
+            match dump_and_health {
+                Ok((dump, health)) => {
+                    let r = rows(kind, &dump, health.as_ref(), name.as_deref());
+                    print!("{}", render(kind, &r, output));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("winmesh: proxy-config: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Status {
             config,
             debug_addr,
@@ -431,4 +509,13 @@ fn runtime(f: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs `f` on a small runtime and returns its value (for commands that print what it returns).
+fn runtime_value<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start runtime: {e}"))?
+        .block_on(f)
 }
