@@ -32,4 +32,20 @@ fn the_demo_brings_up_both_directions() {
         stdout.contains("mesh caller: spiffe://cluster.local/ns/winmesh/sa/winmesh-gateway"),
         "{stdout}"
     );
+    // The commands it prints run as printed: the winmesh binary by a path that exists (it is not
+    // on PATH after `make demo`), never a bare `winmesh`.
+    let mut printed = 0;
+    for line in stdout.lines().map(str::trim) {
+        if let Some((bin, _)) = line.split_once(" status --config ") {
+            printed += 1;
+            let path = std::path::Path::new(root).join(bin);
+            assert!(path.is_file(), "{bin} printed, not a file: {stdout}");
+            assert_ne!(bin, "winmesh");
+        }
+    }
+    assert_eq!(printed, 1, "{stdout}");
+    assert!(
+        stdout.contains(" proxy-config clusters --envoy-admin "),
+        "{stdout}"
+    );
 }

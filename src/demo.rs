@@ -217,12 +217,26 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let w2l = wait_for_body("Windows → Linux", out, &w2l_host, "Linux app", &logs).await?;
 
     let debug = cfg.debug.listen;
+    // The binary that runs this demo: `winmesh` is usually not on PATH after `make demo`.
+    let exe = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            Some(
+                p.strip_prefix(&cwd)
+                    .map(|r| std::path::Path::new(".").join(r))
+                    .unwrap_or(p),
+            )
+        })
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "winmesh".into());
+    let admin = cfg.envoy.admin;
     println!(
         "\nwinmesh demo is up: both directions work over Istio mTLS.\n\
          \n  Linux → Windows (the Linux app calls the Windows app through its Istio sidecar):\n    curl -s http://127.0.0.1:{SIDECAR_OUT}/\n    → {}\
          \n  Windows → Linux (a Windows app uses the gateway as its HTTP proxy):\n    curl -s -x http://{out} http://{w2l_host}/\n    → {}\
          \n  Plaintext to the gateway's mesh port is refused:\n    curl -sv http://{}:{}/\n\
-         \n  What winmesh serves and knows:\n    curl -s http://{debug}/debug/syncz\n    curl -s http://{debug}/debug/certs\n    curl -s http://{debug}/debug/registryz\n    curl -s 'http://{debug}/debug/config_dump?node={}'\n    winmesh status --config {}\n\
+         \n  What winmesh serves and knows:\n    curl -s http://{debug}/debug/syncz\n    curl -s http://{debug}/debug/certs\n    curl -s http://{debug}/debug/registryz\n    curl -s 'http://{debug}/debug/config_dump?node={}'\n    {exe} status --config {}\n    {exe} proxy-config clusters --envoy-admin {admin}\n\
          \n  Edit {} and watch the change apply live. Logs: {}\n",
         l2w.trim(),
         w2l.trim(),

@@ -449,7 +449,10 @@ mod tests {
         assert_eq!(r[1]["state"], "error");
         let table = render(Kind::Listeners, &r, Format::Table);
         assert!(table.starts_with("NAME"), "{table}");
-        assert!(table.contains("bad FORGED line"), "control characters flattened: {table}");
+        assert!(
+            table.contains("bad FORGED line"),
+            "control characters flattened: {table}"
+        );
         assert_eq!(table.lines().count(), 3);
         assert_eq!(rows(Kind::Listeners, &d, None, Some("good")).len(), 1);
     }
@@ -462,7 +465,10 @@ mod tests {
         assert!(r[0]["serial"].as_str().is_some_and(|s| !s.is_empty()));
         for f in [Format::Table, Format::Json, Format::Yaml] {
             let out = render(Kind::Secrets, &r, f);
-            assert!(!out.contains("W3JlZGFjdGVkXQ") && !out.contains("private"), "{out}");
+            assert!(
+                !out.contains("W3JlZGFjdGVkXQ") && !out.contains("private"),
+                "{out}"
+            );
         }
     }
 }
