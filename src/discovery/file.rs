@@ -405,7 +405,8 @@ impl FileSettings {
     }
 }
 
-fn dns_label(s: &str) -> bool {
+/// A DNS label as Kubernetes names need it (RFC 1123).
+pub(crate) fn dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.chars()

@@ -480,12 +480,10 @@ pub fn build(objects: &KubeObjects, settings: &MirrorSettings) -> KubeMesh {
                     .and_then(|s| s.publish_not_ready_addresses)
                     .unwrap_or(false);
                 svc.endpoints = endpoints(&svc, mine, &pods, publish_not_ready, &mut out.rejected);
-                if kube_windows::is_opted_in(k) {
-                    // A Windows app: served by the gateway, never mirrored as a Linux service
-                    // (its endpoints are plaintext Windows pods).
-                    if !settings.windows.enabled {
-                        continue;
-                    }
+                // A Windows app: served by the gateway, never mirrored as a Linux service (its
+                // endpoints are plaintext Windows pods). With Windows services from the cluster
+                // turned off, the label means nothing and the Service is an ordinary one.
+                if settings.windows.enabled && kube_windows::is_opted_in(k) {
                     match kube_windows::windows_service(k, &svc, &settings.windows, domain_suffix) {
                         Ok(w) => {
                             windows.push((

@@ -64,15 +64,6 @@ pub fn is_opted_in(svc: &KService) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-fn dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-}
-
 /// The mesh-facing Service name an app Service asks for.
 pub fn mesh_name(svc: &KService) -> Result<String, String> {
     let name = svc.metadata.name.clone().unwrap_or_default();
@@ -89,7 +80,7 @@ pub fn mesh_name(svc: &KService) -> Result<String, String> {
         Some(m) => m,
         None => format!("{name}{DEFAULT_MESH_SUFFIX}"),
     };
-    if !dns_label(&mesh) {
+    if !super::file::dns_label(&mesh) {
         return Err(format!(
             "{MESH_SERVICE_ANNOTATION}: {mesh:?} is not a Service name (a DNS label)"
         ));
@@ -932,6 +923,12 @@ mod tests {
                     .contains("failing over")
             );
         }
+        // Turned off, the label means nothing: an ordinary Service on the Linux side.
+        let mut off = settings(Some("win-1"), false);
+        off.windows.enabled = false;
+        let m = build(&world(), &off);
+        assert!(m.windows_services.is_empty());
+        assert!(m.services.iter().any(|s| s.name == "shop-backend"));
         // Without a node name (local mode), every pod is local.
         let m = build(&world(), &settings(None, false));
         assert_eq!(m.windows_services[0].backends.len(), 2);
