@@ -18,7 +18,6 @@ use support::fake_kube::{AUTHORIZATION_POLICIES, ENDPOINT_SLICES, FakeKube, PODS
 use support::tls::{MeshClient, SanCheck};
 use support::{Backend, Envoy, free_port, wait_for};
 use winmesh::bootstrap::{BootstrapOptions, bootstrap_yaml};
-use winmesh::identity::SpiffeId;
 use winmesh::identity::dev_ca::DevCa;
 
 const T: Duration = Duration::from_secs(30);
@@ -272,16 +271,7 @@ async fn the_cluster_overlay_runs_as_rendered() {
     .await;
     // Istio mTLS to winapp as Linux callers: the rendered policy admits namespace shop only.
     let ca = DevCa::load_or_create(&dir.path().join("dev-ca"), "cluster.local").unwrap();
-    let client = |id: &str| {
-        let (key, chain) = ca
-            .issue(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600))
-            .unwrap();
-        MeshClient {
-            chain_pem: chain[..chain.len() - 1].concat(),
-            key_pem: key.expose().to_string(),
-            roots_pem: ca.roots_pem(),
-        }
-    };
+    let client = |id: &str| support::mesh_client(&ca, id);
     let call = |c: MeshClient| async move {
         c.get(
             SocketAddr::from(([127, 0, 0, 1], gw_port)),

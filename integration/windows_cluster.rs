@@ -66,6 +66,42 @@ fn windows_pod(name: &str, node: &str) -> Value {
         "status": {"phase": "Running", "podIP": "127.0.0.1"}})
 }
 
+/// winapp's pod `winapp-a` on node win-1 and its app Service's slice (app port `port`).
+fn winapp_pod(kube: &FakeKube, port: u16) {
+    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
+    kube.apply(
+        ENDPOINT_SLICES,
+        app_slice(&[("winapp-a", "win-1", true, port)]),
+    );
+}
+
+/// [`winapp_pod`], and the app Service opted in as `winapp`.
+fn winapp_opted_in(kube: &FakeKube, port: u16) {
+    winapp_pod(kube, port);
+    kube.apply(SERVICES, opted_in(json!({})));
+}
+
+/// An Istio-faithful sidecar for the Linux app (certificates for LINUX_ID from the world's CA).
+async fn linux_sidecar(w: &World, outbound: Vec<Outbound>, inbound: Option<Inbound>) -> Envoy {
+    let certs = w.dir.path().join("linux-certs");
+    w.ca.issue_to_dir(
+        &SpiffeId::parse(LINUX_ID).unwrap(),
+        Duration::from_secs(3600),
+        &certs,
+    )
+    .unwrap();
+    let sc = Sidecar {
+        node_id: "linuxapp.linux".into(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        trust_domain: "cluster.local".into(),
+        certs: &certs,
+        outbound,
+        inbound,
+    };
+    let bin = support::envoy_bin().unwrap();
+    Envoy::start(&bin, &serde_yaml::to_string(&sc.bootstrap()).unwrap()).await
+}
+
 fn gateway_pod() -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "winmesh-gateway-abcde", "namespace": "winmesh",
@@ -182,15 +218,7 @@ impl World {
     }
 
     fn mesh_client(&self, id: &str) -> MeshClient {
-        let (key, chain) = self
-            .ca
-            .issue(&SpiffeId::parse(id).unwrap(), Duration::from_secs(3600))
-            .unwrap();
-        MeshClient {
-            chain_pem: chain[..chain.len() - 1].concat(),
-            key_pem: key.expose().to_string(),
-            roots_pem: self.ca.roots_pem(),
-        }
+        support::mesh_client(&self.ca, id)
     }
 
     /// One call to winapp over the mesh port as an Istio client would make it, accepting only
@@ -280,12 +308,7 @@ async fn a_windows_app_joins_the_mesh_from_kubernetes_objects_only() {
         return;
     };
     let kube = &w.kube;
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
-    );
-    kube.apply(SERVICES, opted_in(json!({})));
+    winapp_opted_in(kube, win_a.addr.port());
 
     // The elected winmesh writes the mesh-facing Service and its EndpointSlice (apply, manager
     // `winmesh`), and holds the Lease.
@@ -346,32 +369,20 @@ async fn a_windows_app_joins_the_mesh_from_kubernetes_objects_only() {
     assert_eq!(sans, vec![WIN_ID.to_string(), GW_ID.to_string()]);
 
     // A sidecar configured exactly so reaches the Windows pod; the app sees the caller's identity.
-    let certs = w.dir.path().join("linux-certs");
-    w.ca.issue_to_dir(
-        &SpiffeId::parse(LINUX_ID).unwrap(),
-        Duration::from_secs(3600),
-        &certs,
-    )
-    .unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let sc = Sidecar {
-        node_id: "linuxapp.linux".into(),
-        admin: any,
-        trust_domain: "cluster.local".into(),
-        certs: &certs,
-        outbound: vec![Outbound {
+    let sidecar = linux_sidecar(
+        &w,
+        vec![Outbound {
             name: "to-winapp".into(),
-            listen: any,
+            listen: "127.0.0.1:0".parse().unwrap(),
             host: WIN_HOST.into(),
             port: 8080,
             http2: false,
             endpoint: eps[0].0,
             expected_sans: sans.clone(),
         }],
-        inbound: None,
-    };
-    let bin = support::envoy_bin().unwrap();
-    let sidecar = Envoy::start(&bin, &serde_yaml::to_string(&sc.bootstrap()).unwrap()).await;
+        None,
+    )
+    .await;
     let to_win = wait_for(
         "sidecar listener",
         T,
@@ -517,11 +528,7 @@ async fn v1beta1_authorization_policies_are_enforced_too() {
         return;
     };
     let kube = &w.kube;
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
-    );
+    winapp_pod(kube, win_a.addr.port());
     kube.apply(
         AUTHORIZATION_POLICIES_V1BETA1,
         json!({"apiVersion": "security.istio.io/v1beta1", "kind": "AuthorizationPolicy",
@@ -558,12 +565,7 @@ async fn an_existing_service_is_never_taken_over_unless_handed_over() {
         "spec": {"selector": {"app": "winapp"},
                  "ports": [{"name": "http", "port": 8080, "targetPort": "web"}]}});
     kube.apply(SERVICES, existing.clone());
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
-    );
-    kube.apply(SERVICES, opted_in(json!({})));
+    winapp_opted_in(kube, win_a.addr.port());
     // The gateway serves winapp at once (the mesh port does not depend on publication)…
     let linux = w.mesh_client(LINUX_ID);
     w.until_status("gateway serves winapp", &linux, 200).await;
@@ -645,34 +647,18 @@ async fn windows_pods_call_linux_with_their_own_identity() {
         return;
     };
     let kube = &w.kube;
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
-    );
-    kube.apply(SERVICES, opted_in(json!({})));
-    let certs = w.dir.path().join("linux-certs");
-    w.ca.issue_to_dir(
-        &SpiffeId::parse(LINUX_ID).unwrap(),
-        Duration::from_secs(3600),
-        &certs,
-    )
-    .unwrap();
-    let sc = Sidecar {
-        node_id: "linuxapp.linux".into(),
-        admin: "127.0.0.1:0".parse().unwrap(),
-        trust_domain: "cluster.local".into(),
-        certs: &certs,
-        outbound: vec![],
-        inbound: Some(Inbound {
+    winapp_opted_in(kube, win_a.addr.port());
+    let sidecar = linux_sidecar(
+        &w,
+        vec![],
+        Some(Inbound {
             listen: SocketAddr::from(([127, 0, 0, 1], sc_in)),
             app: linux_app.addr,
             app_http2: false,
             peer_exchange_trap: None,
         }),
-    };
-    let bin = support::envoy_bin().unwrap();
-    let sidecar = Envoy::start(&bin, &serde_yaml::to_string(&sc.bootstrap()).unwrap()).await;
+    )
+    .await;
     let caller = |from: [u8; 4]| async move {
         let c = reqwest::Client::builder()
             .local_address(std::net::IpAddr::from(from))
@@ -775,12 +761,7 @@ async fn per_workload_certificates_come_from_istiod_with_minted_tokens() {
     }));
     kube.deny_tokens("win", "locked", true);
     kube.apply(PODS, gateway_pod());
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, win_a.addr.port())]),
-    );
-    kube.apply(SERVICES, opted_in(json!({})));
+    winapp_opted_in(&kube, win_a.addr.port());
     locked_app(&kube, locked.addr.port());
 
     let dir = tempfile::tempdir().unwrap();
@@ -951,12 +932,7 @@ async fn one_publisher_is_elected_and_another_takes_over() {
     support::init_tracing();
     let kube = FakeKube::start(&[]).await;
     kube.apply(PODS, gateway_pod());
-    kube.apply(PODS, windows_pod("winapp-a", "win-1"));
-    kube.apply(
-        ENDPOINT_SLICES,
-        app_slice(&[("winapp-a", "win-1", true, 8080)]),
-    );
-    kube.apply(SERVICES, opted_in(json!({})));
+    winapp_opted_in(&kube, 8080);
     // The model both compute from the cluster (as their mirrors would).
     let mut settings = MirrorSettings::new("cluster.local");
     settings.publish = Some(winmesh::discovery::kube_windows::PublishSettings {
@@ -1037,4 +1013,27 @@ async fn one_publisher_is_elected_and_another_takes_over() {
     )
     .await;
     assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+}
+
+/// A minted token is reused while more than half its lifetime is left: renewals and retries of one
+/// identity do not mint a token per CSR; another service account gets its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minted_tokens_are_reused_for_half_their_life() {
+    let kube = FakeKube::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    kube.write_kubeconfig(&kc);
+    let client = winmesh::discovery::kube::client(Some(&kc)).await.unwrap();
+    let tokens = winmesh::discovery::tokens::KubeTokens::new(
+        client,
+        Duration::from_secs(600),
+        Arc::new(winmesh::metrics::Metrics::new()),
+    );
+    let a = tokens.minter("win", "winapp");
+    let first = a.0.token().await.unwrap();
+    assert_eq!(a.0.token().await.unwrap(), first);
+    assert_eq!(kube.minted().len(), 1);
+    let b = tokens.minter("win", "other");
+    assert_ne!(b.0.token().await.unwrap(), first);
+    assert_eq!(kube.minted().len(), 2);
 }

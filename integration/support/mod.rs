@@ -433,6 +433,22 @@ impl Traffic {
 }
 
 /// A port that was free a moment ago (for configs that must name a port before anything binds it).
+/// A mesh client presenting `id`, issued by the dev CA `ca` and trusting its roots (a Linux
+/// sidecar's view of the gateway's mesh port).
+pub fn mesh_client(ca: &winmesh::identity::dev_ca::DevCa, id: &str) -> tls::MeshClient {
+    let (key, chain) = ca
+        .issue(
+            &winmesh::identity::SpiffeId::parse(id).unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    tls::MeshClient {
+        chain_pem: chain[..chain.len() - 1].concat(),
+        key_pem: key.expose().to_string(),
+        roots_pem: ca.roots_pem(),
+    }
+}
+
 pub async fn get_text(url: &str) -> Option<(u16, String)> {
     tls::install_provider();
     let r = reqwest::Client::new()
