@@ -90,9 +90,11 @@ impl Publisher {
                     ..Default::default()
                 }),
             };
-            self.set_status(|s| s.holder = Some(self.identity.clone()));
             return match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
+                Ok(_) => {
+                    self.set_status(|s| s.holder = Some(self.identity.clone()));
+                    Ok(true)
+                }
                 Err(e) if api_code(&e) == Some(409) => Ok(false),
                 Err(e) => Err(format!("creating Lease: {e}")),
             };
